@@ -1,0 +1,34 @@
+"""hierfl: personalized federated learning as explicit hierarchical Bayesian models.
+
+>>> import hierfl as hf
+>>> sorted(hf.METHODS)[:2]
+['exact', 'nuts']
+"""
+
+from .api import METHODS, as_client_data, fit
+from .data import ClientData, DataError, ModelData
+from .families import BetaBinomial, ConjugateFamily, GammaPoisson, LinearMixed, NormalNormal
+from .fit import Fit, load_fit
+from .priors import PriorError
+from .protocol import FederatedAlgorithm, simulate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "BetaBinomial",
+    "ClientData",
+    "ConjugateFamily",
+    "DataError",
+    "FederatedAlgorithm",
+    "Fit",
+    "GammaPoisson",
+    "LinearMixed",
+    "ModelData",
+    "NormalNormal",
+    "PriorError",
+    "as_client_data",
+    "fit",
+    "load_fit",
+    "simulate",
+]

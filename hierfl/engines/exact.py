@@ -1,0 +1,179 @@
+r"""The exact engine: one round of sufficient statistics for conjugate families.
+
+Round 1. Each client computes its sufficient statistics from its own rows and sends them
+once. The server, holding :math:`\log p(D_i \mid \phi)` exactly for every client, infers the
+low-dimensional ``phi`` (NUTS for up to ``laplace_above`` clients, a PSIS-corrected Laplace
+approximation beyond) and broadcasts draws of ``phi``.
+
+Finalize. Each client forms :math:`\theta_i \mid \phi, D_i` in closed form for every draw of
+``phi``; its personal posterior is that mixture, which is exactly the centralized posterior
+:math:`p(\theta_i \mid D_1..D_N)`. The client keeps it; the fit records its mean and sd, and
+draws from it lazily (one conditional draw per ``phi`` draw).
+
+What the server sees: each client's statistics (e.g. for a linear mixed model ``n``,
+``y'y``, ``X'y``, ``X'X``, ``Z'y``, ``Z'X``, ``Z'Z``), never its rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+
+from ..families import ConjugateFamily
+from ..protocol import FederatedAlgorithm
+from .globals_inference import GlobalsSettings, laplace_globals, nuts_globals
+
+__all__ = ["ExactClientSampler", "ExactServerState", "collapsed_model", "exact_algorithm"]
+
+#: above this many clients, ``server="auto"`` uses the Laplace approximation
+LAPLACE_ABOVE = 1000
+#: budget of (clients x phi draws) for the personal moments; beyond it draws are thinned
+MOMENT_BUDGET = 100_000_000
+
+
+class ExactServerState(NamedTuple):
+    """Server state: draws of every global site, ``[num_chains, num_samples, ...]``."""
+
+    draws: dict[str, Any] | None
+    diagnostics: dict[str, Any]
+
+
+class PersonalMoments(NamedTuple):
+    """A client's personal posterior mean and variance (mixture over ``phi`` draws)."""
+
+    mean: Any
+    variance: Any
+
+
+def collapsed_model(family: ConjugateFamily):
+    """The server's model: priors on ``phi`` and the clients' exact collapsed likelihood."""
+    def model(stats, received):
+        phi = family.sample_globals()
+        terms = jax.vmap(family.log_marginal, in_axes=(None, 0))(phi, stats)
+        numpyro.factor("collapsed_log_likelihood", jnp.sum(jnp.where(received, terms, 0.0)))
+    return model
+
+
+def _global_params(family: ConjugateFamily, draws: dict[str, Any]) -> dict[str, Any]:
+    """``{parameter: [S, ...]}`` from flat server draws (fixed parameters broadcast)."""
+    out = {}
+    for r in family.priors:
+        name = r.parameter.name
+        out[name] = draws[name] if name in draws else None
+    size = next(v.shape[0] for v in out.values() if v is not None)
+    for r in family.priors:
+        if out[r.parameter.name] is None:
+            out[r.parameter.name] = jnp.broadcast_to(jnp.asarray(r.value, dtype=float),
+                                                     (size,) + r.parameter.shape)
+    return out
+
+
+def exact_algorithm(family: ConjugateFamily, *, server: str = "auto",
+                    settings: GlobalsSettings = GlobalsSettings(),
+                    num_clients: int | None = None) -> FederatedAlgorithm:
+    """The exact engine as a :class:`~hierfl.protocol.FederatedAlgorithm`.
+
+    Parameters
+    ----------
+    family : ConjugateFamily
+    server : {"auto", "nuts", "laplace"}
+        How the server infers ``phi``.
+    settings : GlobalsSettings
+    num_clients : int, optional
+        Used by ``server="auto"``.
+    """
+    if server not in ("auto", "nuts", "laplace"):
+        raise ValueError(f"server must be 'auto', 'nuts' or 'laplace', got {server!r}")
+    if server == "auto":
+        server = "laplace" if (num_clients or 0) > LAPLACE_ABOVE else "nuts"
+    model = collapsed_model(family)
+
+    def init(key, client_data):
+        del key
+        shapes = jax.eval_shape(jax.vmap(family.statistics), client_data["fields"],
+                                client_data["mask"])
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return ExactServerState(None, {}), zeros
+
+    def broadcast(state):
+        return None if state.draws is None else _global_params(family, state.draws)
+
+    def client_update(key, broadcast_value, client_state, client_data):
+        del key, broadcast_value, client_state
+        stats = family.statistics(client_data["fields"], client_data["mask"])
+        return stats, stats, {}
+
+    def server_update(key, state, messages, received):
+        infer = laplace_globals if server == "laplace" else nuts_globals
+        draws, diagnostics = infer(key, model, (messages, received), settings)
+        flat = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in draws.items()}
+        diagnostics = dict(diagnostics, clients_received=int(np.sum(received)))
+        return ExactServerState(flat, diagnostics), diagnostics
+
+    def client_finalize(key, phi, stats, client_data):
+        del key, client_data
+        return personal_moments(family, phi, stats, num_clients or 1)
+
+    return FederatedAlgorithm(init, broadcast, client_update, server_update, client_finalize)
+
+
+def personal_moments(family: ConjugateFamily, phi, stats, num_clients: int) -> PersonalMoments:
+    """Mean and variance of the mixture over ``phi`` draws of ``theta_i | phi, D_i``.
+
+    Uses every draw unless ``num_clients x draws`` exceeds :data:`MOMENT_BUDGET`, then an
+    evenly thinned subset (at least 100 draws); accumulated by ``lax.scan`` so memory stays
+    linear in the number of clients.
+    """
+    size = next(iter(phi.values())).shape[0]
+    stride = max(1, int(np.ceil(size * num_clients / MOMENT_BUDGET)))
+    stride = min(stride, max(1, size // 100))
+    thinned = jax.tree_util.tree_map(lambda v: v[::stride], phi)
+    count = next(iter(thinned.values())).shape[0]
+
+    def step(carry, phi_s):
+        conditional = family.conditional(phi_s, stats)
+        mean, var = conditional.mean, conditional.variance
+        total, square, variance = carry
+        return (total + mean, square + mean**2, variance + var), None
+
+    shape = family.conditional(jax.tree_util.tree_map(lambda v: v[0], phi), stats).mean
+    zeros = jnp.zeros_like(shape)
+    (total, square, variance), _ = jax.lax.scan(step, (zeros, zeros, zeros), thinned)
+    mean = total / count
+    return PersonalMoments(mean, variance / count + jnp.maximum(square / count - mean**2, 0.0))
+
+
+class ExactClientSampler:
+    """Draws of each client's personal posterior: one conditional draw per ``phi`` draw.
+
+    ``sampler(indices)`` returns ``{client_site: [num_chains, num_samples, len(indices), ...]}``.
+    Draws depend only on the client's index (its key is ``fold_in(key, index)``), so a client
+    gets the same draws whichever subset is asked for.
+    """
+
+    def __init__(self, family: ConjugateFamily, draws: dict[str, np.ndarray],
+                 stats: dict[str, np.ndarray], key):
+        self.family, self.draws, self.stats, self.key = family, draws, stats, np.asarray(key)
+
+    def __call__(self, indices) -> dict[str, np.ndarray]:
+        indices = np.asarray(indices, dtype=np.int64)
+        chains, samples = next(iter(self.draws.values())).shape[:2]
+        phi = _global_params(self.family, {k: jnp.asarray(v.reshape((-1,) + v.shape[2:]))
+                                           for k, v in self.draws.items()})
+        stats = jax.tree_util.tree_map(lambda s: jnp.asarray(s[indices]), self.stats)
+        out = _sample_clients(self.family, jnp.asarray(self.key), phi, stats,
+                              jnp.asarray(indices))
+        return {self.family.client_site: np.asarray(out).reshape(
+            (chains, samples, len(indices)) + out.shape[2:])}
+
+
+def _sample_clients(family, key, phi, stats, indices):
+    def one_client(stats_i, index):
+        client_key = jax.random.fold_in(key, index)
+        keys = jax.random.split(client_key, next(iter(phi.values())).shape[0])
+        return jax.vmap(lambda k, p: family.conditional(p, stats_i).sample(k))(keys, phi)
+    return jnp.moveaxis(jax.vmap(one_client)(stats, indices), 0, 1)

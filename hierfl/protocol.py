@@ -1,0 +1,251 @@
+"""The federated protocol: a small set of pure functions over pytrees.
+
+A federated algorithm is a :class:`FederatedAlgorithm`, a NamedTuple of pure functions in
+the spirit of BlackJAX's ``(init, step)`` and FedJAX's ``federated_algorithm``:
+
+``init(key, client_data) -> (server_state, client_states)``
+    ``client_data`` is the padded per-client pytree (leading client axis) and
+    ``client_states`` is stacked on the same axis.
+``broadcast(server_state) -> broadcast``
+    What the server sends to every participating client this round.
+``client_update(key, broadcast, client_state, client_data) -> (client_state, message, info)``
+    One client's work, written for a *single* client; drivers ``jax.vmap`` it over clients.
+``server_update(key, server_state, messages, received) -> (server_state, info)``
+    ``messages`` are stacked on the client axis and ``received`` (bool, ``[num_clients]``)
+    marks the clients whose message arrived *and* passed validation. The server must ignore
+    every other row.
+``client_finalize(key, broadcast, client_state, client_data) -> personal``
+    The client's personal posterior against the final global state; it stays on the client.
+``validate_message(message) -> ok``
+    Algorithm-specific check of one message (e.g. positive definiteness), returning a
+    boolean scalar. Finiteness and shapes are checked by the driver for every algorithm.
+
+Two drivers run these functions: :func:`simulate` (in-process, vectorized, with partial
+participation and dropout) and the Flower adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "FederatedAlgorithm",
+    "RoundRecord",
+    "SimulationResult",
+    "SkipRecord",
+    "message_schema",
+    "simulate",
+    "validate_messages",
+]
+
+PyTree = Any
+
+
+class FederatedAlgorithm(NamedTuple):
+    """Pure functions that make up a federated algorithm (see the module docstring)."""
+
+    init: Callable[..., tuple[PyTree, PyTree]]
+    broadcast: Callable[[PyTree], PyTree]
+    client_update: Callable[..., tuple[PyTree, PyTree, PyTree]]
+    server_update: Callable[..., tuple[PyTree, PyTree]]
+    client_finalize: Callable[..., PyTree]
+    validate_message: Callable[[PyTree], Any] | None = None
+
+
+class SkipRecord(NamedTuple):
+    """A client left out of a round, and why."""
+
+    round: int
+    client: Any
+    reason: str
+
+
+class RoundRecord(NamedTuple):
+    """What one round of :func:`simulate` did."""
+
+    round: int
+    participants: int
+    received: int
+    server_info: PyTree
+
+
+class SimulationResult(NamedTuple):
+    """Output of :func:`simulate`."""
+
+    server_state: PyTree
+    client_states: PyTree
+    personal: PyTree
+    rounds: list[RoundRecord]
+    skips: list[SkipRecord]
+
+
+def message_schema(message: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shapes and dtypes of a single client's message, keyed by tree path."""
+    leaves = jax.tree_util.tree_leaves_with_path(message)
+    return {jax.tree_util.keystr(path): (tuple(np.shape(leaf)), str(jnp.asarray(leaf).dtype))
+            for path, leaf in leaves}
+
+
+def validate_messages(messages: PyTree, schema: dict, check: Callable | None = None):
+    """Check stacked messages row by row.
+
+    Parameters
+    ----------
+    messages : pytree with a leading client axis
+    schema : dict
+        Expected per-client schema from :func:`message_schema`.
+    check : callable, optional
+        Algorithm-specific per-message check returning a boolean scalar.
+
+    Returns
+    -------
+    ok : ndarray of bool, ``[num_clients]``
+    reasons : list of str
+        Reason for each row (empty string where ``ok``).
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(messages)
+    got = {jax.tree_util.keystr(p): leaf for p, leaf in leaves}
+    if set(got) != set(schema):
+        raise ValueError(f"message fields {sorted(got)} do not match the schema "
+                         f"{sorted(schema)}")
+    num = None
+    for name, leaf in got.items():
+        shape, _ = schema[name]
+        if tuple(np.shape(leaf)[1:]) != shape:
+            raise ValueError(f"message field {name}: shape {np.shape(leaf)[1:]} per client, "
+                             f"schema says {shape}")
+        num = np.shape(leaf)[0]
+    ok = np.ones(num, dtype=bool)
+    reasons = [""] * num
+    for name, leaf in got.items():
+        finite = np.isfinite(np.asarray(leaf)).reshape(num, -1).all(axis=1)
+        for i in np.flatnonzero(ok & ~finite):
+            reasons[i] = f"non-finite values in message field {name}"
+        ok &= finite
+    if check is not None:
+        valid = np.asarray(jax.vmap(check)(messages), dtype=bool)
+        for i in np.flatnonzero(ok & ~valid):
+            reasons[i] = "message failed the algorithm's validity check"
+        ok &= valid
+    return ok, reasons
+
+
+def _select(mask, new, old):
+    """Row-wise choice between two client-stacked pytrees."""
+    def choose(a, b):
+        m = mask.reshape(mask.shape + (1,) * (jnp.ndim(a) - 1))
+        return jnp.where(m, a, b)
+    return jax.tree_util.tree_map(choose, new, old)
+
+
+def simulate(
+    algorithm: FederatedAlgorithm,
+    key,
+    client_data: PyTree,
+    *,
+    client_ids: tuple,
+    num_rounds: int,
+    participation: float = 1.0,
+    dropout: float = 0.0,
+    corrupt: Callable | None = None,
+    state: tuple[PyTree, PyTree] | None = None,
+    start_round: int = 0,
+    converged: Callable[[PyTree], bool] | None = None,
+    on_round: Callable[[RoundRecord, PyTree, PyTree], None] | None = None,
+    progress: bool | str = False,
+) -> SimulationResult:
+    """Run a federated algorithm in process.
+
+    Every round: the server broadcasts; a random fraction ``participation`` of clients is
+    asked to work; each asked client independently drops out with probability ``dropout``;
+    the rest run ``client_update`` (one ``jax.vmap`` over all clients, with non-participants'
+    states kept); messages are validated and invalid ones skipped with a recorded reason; the
+    server updates from the valid messages only.
+
+    Parameters
+    ----------
+    algorithm : FederatedAlgorithm
+    key : jax.random.PRNGKey
+        Split explicitly into one key per round, and per client within a round.
+    client_data : pytree
+        Per-client data stacked on a leading client axis (e.g. ``ClientData.padded``).
+    client_ids : tuple
+        Client ids, used in skip records.
+    num_rounds : int
+        Maximum number of rounds.
+    participation, dropout : float
+        Fraction of clients asked per round, and probability that an asked client drops out.
+    corrupt : callable, optional
+        ``corrupt(round, messages) -> messages``, a fault injector for tests and benchmarks.
+    state : (server_state, client_states), optional
+        Resume from a checkpoint instead of calling ``init``.
+    start_round : int
+        Round number to resume from; rounds use ``fold_in(key, round)``, so a resumed run
+        continues identically.
+    converged : callable, optional
+        ``converged(server_info) -> bool``; stops early when true.
+    on_round : callable, optional
+        Called after every round with the record and the new states (e.g. to checkpoint).
+    progress : bool or str
+        Show a progress bar (the string is its description).
+    """
+    init_key, run_key, final_key = jax.random.split(key, 3)
+    num_clients = len(client_ids)
+    if state is None:
+        server_state, client_states = algorithm.init(init_key, client_data)
+    else:
+        server_state, client_states = state
+    vmapped_update = jax.jit(jax.vmap(algorithm.client_update, in_axes=(0, None, 0, 0)))
+    schema = None
+    rounds: list[RoundRecord] = []
+    skips: list[SkipRecord] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=num_rounds, initial=start_round,
+                   desc=progress if isinstance(progress, str) else "rounds")
+    for round_index in range(start_round, num_rounds):
+        round_key = jax.random.fold_in(run_key, round_index)
+        pick_key, drop_key, client_key, server_key = jax.random.split(round_key, 4)
+        asked = np.array(jax.random.uniform(pick_key, (num_clients,)) < participation)
+        if participation >= 1.0:
+            asked[:] = True
+        dropped = asked & np.array(jax.random.uniform(drop_key, (num_clients,)) < dropout)
+        working = asked & ~dropped
+        for i in np.flatnonzero(dropped):
+            skips.append(SkipRecord(round_index, client_ids[i], "dropped out"))
+        broadcast = algorithm.broadcast(server_state)
+        keys = jax.random.split(client_key, num_clients)
+        new_states, messages, _ = vmapped_update(keys, broadcast, client_states, client_data)
+        if corrupt is not None:
+            messages = corrupt(round_index, messages)
+        if schema is None:
+            schema = message_schema(jax.tree_util.tree_map(lambda x: x[0], messages))
+        ok, reasons = validate_messages(messages, schema, algorithm.validate_message)
+        for i in np.flatnonzero(working & ~ok):
+            skips.append(SkipRecord(round_index, client_ids[i], reasons[i]))
+        received = working & ok
+        client_states = _select(jnp.asarray(received), new_states, client_states)
+        server_state, server_info = algorithm.server_update(
+            server_key, server_state, messages, jnp.asarray(received))
+        record = RoundRecord(round_index, int(working.sum()), int(received.sum()), server_info)
+        rounds.append(record)
+        if on_round is not None:
+            on_round(record, server_state, client_states)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(received=f"{record.received}/{num_clients}")
+        if converged is not None and converged(server_info):
+            break
+    if bar is not None:
+        bar.close()
+    broadcast = algorithm.broadcast(server_state)
+    final_keys = jax.random.split(final_key, num_clients)
+    personal = jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0))(
+        final_keys, broadcast, client_states, client_data)
+    return SimulationResult(server_state, client_states, personal, rounds, skips)
