@@ -106,6 +106,25 @@ def _check_field(client_id, name: str, value) -> np.ndarray:
     return array
 
 
+def _check_flat(name: str, array: np.ndarray, ids, offsets) -> np.ndarray:
+    """Vectorized dtype and finiteness check of a flat field; errors name the client."""
+    if array.dtype == bool:
+        array = array.astype(np.int32)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise DataError(f"field {name!r}: expected numbers, got dtype {array.dtype} (convert "
+                        "categories to integer codes first)")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            client = int(np.searchsorted(offsets, row, side="right") - 1)
+            kind = "NaN" if np.isnan(array[row]).any() else "infinite value"
+            raise DataError(f"client {ids[client]!r}, field {name!r}: {kind} at row "
+                            f"{row - offsets[client]} (drop or impute missing values explicitly "
+                            "before fitting)")
+    return array
+
+
 class ClientData:
     """Per-client data of different sizes, validated and stored flat.
 
@@ -143,13 +162,14 @@ class ClientData:
         if not fields:
             raise DataError("no fields: each client needs at least one field")
         total = int(sizes.sum())
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
         checked = {}
         for name, value in fields.items():
             array = np.asarray(value)
             if array.ndim == 0 or array.shape[0] != total:
                 raise DataError(f"field {name!r}: expected {total} rows in total, got shape "
                                 f"{array.shape}")
-            checked[name] = array
+            checked[name] = _check_flat(name, array, ids, offsets)
         self._ids = ids
         self._index = {c: i for i, c in enumerate(ids)}
         self._fields = checked

@@ -27,7 +27,7 @@ from ..families import ConjugateFamily
 from ..protocol import FederatedAlgorithm
 from .globals_inference import GlobalsSettings, laplace_globals, nuts_globals
 
-__all__ = ["ExactClientSampler", "ExactServerState", "collapsed_model", "exact_algorithm"]
+__all__ = ["ExactClientSampler", "ExactServerState", "collapsed_model", "exact_algorithm", "x64"]
 
 #: above this many clients, ``server="auto"`` uses the Laplace approximation
 LAPLACE_ABOVE = 1000
@@ -47,6 +47,14 @@ class PersonalMoments(NamedTuple):
 
     mean: Any
     variance: Any
+
+
+def x64():
+    """Context in which JAX computes in float64 (``jax.enable_x64``, or its older home)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64  # JAX < 0.7
+    return enable_x64()
 
 
 def collapsed_model(family: ConjugateFamily):
@@ -109,8 +117,15 @@ def exact_algorithm(family: ConjugateFamily, *, server: str = "auto",
 
     def server_update(key, state, messages, received):
         infer = laplace_globals if server == "laplace" else nuts_globals
-        draws, diagnostics = infer(key, model, (messages, received), settings)
-        flat = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in draws.items()}
+        # The collapsed log-likelihood sums one term per client: with a million clients it is
+        # ~1e7 in size, beyond float32's resolution of the posterior's curvature. The server
+        # therefore works in float64 (the clients' statistics are promoted on arrival).
+        with x64():
+            messages = jax.tree_util.tree_map(lambda m: jnp.asarray(m, jnp.float64), messages)
+            draws, diagnostics = infer(key, model, (messages, jnp.asarray(received)), settings)
+        float_type = jnp.result_type(float)
+        flat = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:]), float_type)
+                for k, v in draws.items()}
         diagnostics = dict(diagnostics, clients_received=int(np.sum(received)))
         return ExactServerState(flat, diagnostics), diagnostics
 

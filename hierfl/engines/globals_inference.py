@@ -45,7 +45,7 @@ class GlobalsSettings(NamedTuple):
         NUTS target acceptance probability.
     importance_draws : int or None
         Proposal draws for the Laplace importance correction (default: the number of draws).
-    proposal_df : float
+    proposal_df : int
         Degrees of freedom of the Student-t proposal around the Laplace Gaussian; heavier tails
         than the Gaussian keep the importance weights bounded.
     progress : bool
@@ -57,7 +57,7 @@ class GlobalsSettings(NamedTuple):
     num_chains: int = 4
     target_accept: float = 0.9
     importance_draws: int | None = None
-    proposal_df: float = 10.0
+    proposal_df: int = 10
     progress: bool = False
 
 
@@ -154,12 +154,102 @@ def _psis(log_weights: np.ndarray) -> tuple[np.ndarray, float]:
     return np.asarray(smoothed), float(k_hat)
 
 
+#: relative step of the central differences in :func:`value_grad_hessian`
+HESSIAN_STEP = 1e-5
+
+
+def value_grad_hessian(potential):
+    """Value, gradient and Hessian of ``potential`` from ONE batched ``value_and_grad``.
+
+    The Hessian is by central differences of the exact gradient, ``H[:, k] = (g(x + h e_k) -
+    g(x - h e_k)) / 2h`` (symmetrized), with the point itself evaluated in the same batch. For
+    the low-dimensional ``phi`` in float64 this is accurate to ~1e-10 relative, and the
+    compiled program holds a single copy of the clients' gradient, so it compiles several
+    times faster than forward-over-reverse autodiff.
+    """
+    value_and_grad = jax.vmap(jax.value_and_grad(potential))
+
+    def evaluate(x):
+        n = x.shape[0]
+        step = HESSIAN_STEP * jnp.maximum(1.0, jnp.abs(x))
+        shifts = jnp.diag(step)
+        values, grads = value_and_grad(jnp.concatenate([x[None], x + shifts, x - shifts]))
+        columns = (grads[1: n + 1] - grads[n + 1:]) / (2.0 * step[:, None])
+        return values[0], grads[0], 0.5 * (columns + columns.T)
+
+    return evaluate
+
+
+def newton_mode(potential, x0, *, max_iter: int = 200, tolerance: float = 1e-10):
+    """Minimize a smooth low-dimensional ``potential`` by damped Newton steps.
+
+    Levenberg–Marquardt damping (``H + lam I``) makes every step a descent step far from the
+    mode; near it the steps become pure Newton and converge quadratically. Stops when the
+    Newton decrement ``g' H^-1 g`` (the predicted decrease of the potential) falls below
+    ``tolerance``. One ``lax.while_loop`` in which the potential, its gradient and Hessian
+    are traced once (the first iteration evaluates ``x0``), so it compiles once and small.
+
+    Returns
+    -------
+    mode, Hessian at the mode, decrement, iterations
+    """
+    evaluate = value_grad_hessian(potential)
+    eye = jnp.eye(x0.shape[0], dtype=x0.dtype)
+
+    def decrement(grad, hess):
+        value = grad @ jnp.linalg.solve(hess, grad)
+        return jnp.where(jnp.isfinite(value) & (value >= 0), value, jnp.inf)
+
+    def cond(state):
+        it, dec = state[-2], state[-1]
+        return (it == 0) | ((dec > tolerance) & (it < max_iter))
+
+    def body(state):
+        x, value, grad, hess, candidate, lam, it, dec = state
+        value_new, grad_new, hess_new = evaluate(candidate)
+        better = jnp.isfinite(value_new) & (value_new <= value)
+        x, value, grad, hess = jax.tree_util.tree_map(
+            lambda a, b: jnp.where(better, a, b), (candidate, value_new, grad_new, hess_new),
+            (x, value, grad, hess))
+        lam = jnp.where(better, jnp.maximum(lam * 0.1, 1e-12), lam * 10.0)
+        dec = jnp.where(better, decrement(grad, hess), dec)
+        candidate = x - jnp.linalg.solve(hess + lam * eye, grad)
+        return x, value, grad, hess, candidate, lam, it + 1, dec
+
+    n = x0.shape[0]
+    init = (x0, jnp.asarray(jnp.inf, x0.dtype), jnp.zeros(n, x0.dtype),
+            jnp.zeros((n, n), x0.dtype), x0, jnp.asarray(10.0, x0.dtype), 0,
+            jnp.asarray(jnp.inf, x0.dtype))
+    x, _, _, hess, _, _, it, dec = jax.lax.while_loop(cond, body, init)
+    return x, hess, dec, it
+
+
+#: client-term evaluations allowed for the importance correction (draws x clients)
+IMPORTANCE_BUDGET = 1_000_000_000
+#: fewest importance draws, whatever the number of clients
+MIN_IMPORTANCE_DRAWS = 1000
+
+
+def _student_t_draws(key, loc, scale_tril, df: int, num: int):
+    """Multivariate Student-t draws with integer ``df``: ``chi2(df)`` as a sum of ``df``
+    squared normals (exact), which compiles in a fraction of the time of a gamma sampler."""
+    normal_key, chi_key = jax.random.split(key)
+    eps = jax.random.normal(normal_key, (num, loc.shape[0]), loc.dtype)
+    chi2 = jnp.sum(jax.random.normal(chi_key, (num, df), loc.dtype) ** 2, axis=-1)
+    return loc + (eps @ scale_tril.T) * jnp.sqrt(df / chi2)[:, None]
+
+
 def laplace_globals(key, model, model_args: tuple, settings: GlobalsSettings,
-                    batch_size: int = 64):
+                    batch_size: int = 16):
     """Draw ``phi`` from a PSIS-corrected Laplace approximation; returns ``(draws, diagnostics)``.
 
-    The mode is found by BFGS in the unconstrained space and polished by Newton steps with the
-    exact Hessian; the Hessian's inverse is the proposal's scale.
+    The mode is found by damped Newton steps in the unconstrained space
+    (:func:`newton_mode`); the Hessian there is the proposal's precision. The proposal is a
+    Student-t around the mode; its draws are weighted by the exact collapsed posterior,
+    Pareto-smoothed (Vehtari et al. 2024) and resampled systematically to equally weighted
+    draws. The number of proposals is ``importance_draws`` or, by default, as many as fit in
+    :data:`IMPORTANCE_BUDGET` client evaluations (at least :data:`MIN_IMPORTANCE_DRAWS`, at
+    most the number of draws asked for).
     """
     proposal_key, resample_key = jax.random.split(key)
     problem = unconstrained(model, model_args)
@@ -168,41 +258,33 @@ def laplace_globals(key, model, model_args: tuple, settings: GlobalsSettings,
     def flat_potential(x):
         return problem.potential(unravel(x))
 
-    potential = jax.jit(flat_potential)
-    grad = jax.jit(jax.grad(flat_potential))
-    hessian = jax.jit(jax.hessian(flat_potential))
+    total = settings.num_chains * settings.num_samples
+    num_clients = max(1, int(np.size(jax.tree_util.tree_leaves(model_args)[-1])))
+    num_proposals = settings.importance_draws or int(np.clip(
+        IMPORTANCE_BUDGET // num_clients, min(MIN_IMPORTANCE_DRAWS, total), total))
 
-    result = jax.scipy.optimize.minimize(potential, flat0, method="BFGS",
-                                         options={"maxiter": 500})
-    mode = result.x
-    for _ in range(20):  # Newton polish: exact Hessian, backtracking line search
-        g, h = grad(mode), hessian(mode)
-        step = jnp.linalg.solve(h, g)
-        if not bool(jnp.all(jnp.isfinite(step))):
-            break
-        value, scale = potential(mode), 1.0
-        while scale > 1e-4 and not bool(potential(mode - scale * step) <= value):
-            scale *= 0.5
-        mode = mode - scale * step
-        if float(jnp.max(jnp.abs(grad(mode)))) < 1e-6 * max(1.0, abs(float(value))):
-            break
-    h = hessian(mode)
-    h = 0.5 * (h + h.T)
-    chol_precision = jnp.linalg.cholesky(h)
-    if not bool(jnp.all(jnp.isfinite(chol_precision))):
+    @jax.jit
+    def approximate(key, x0):
+        """Mode, Student-t proposal around it, and importance log weights, in one program."""
+        mode, h, decrement, iterations = newton_mode(flat_potential, x0)
+        precision_chol = jnp.linalg.cholesky(h)
+        eye = jnp.eye(mode.shape[0], dtype=mode.dtype)
+        # covariance H^-1 = L^-T L^-1; its lower Cholesky factor via a QR-free re-factorization
+        inverse_chol = jax.scipy.linalg.solve_triangular(precision_chol, eye, lower=True)
+        scale_tril = jnp.linalg.cholesky(inverse_chol.T @ inverse_chol)
+        proposal = dist.MultivariateStudentT(settings.proposal_df, mode, scale_tril)
+        z = _student_t_draws(key, mode, scale_tril, settings.proposal_df, num_proposals)
+        potentials = jax.lax.map(flat_potential, z, batch_size=batch_size)
+        log_w = -potentials - proposal.log_prob(z)
+        ok = jnp.all(jnp.isfinite(precision_chol)) & jnp.all(jnp.isfinite(scale_tril))
+        return z, log_w, ok, decrement, iterations
+
+    z, log_w, ok, decrement, iterations = approximate(proposal_key, flat0)
+    if not bool(ok):
         raise FloatingPointError("Laplace approximation failed: the Hessian of the collapsed "
                                  "posterior is not positive definite at the mode; use "
                                  "server='nuts'")
-    eye = jnp.eye(h.shape[0])
-    scale_tril = jax.scipy.linalg.solve_triangular(chol_precision, eye, lower=True).T
-    scale_tril = jnp.linalg.cholesky(scale_tril @ scale_tril.T)
-    proposal = dist.MultivariateStudentT(settings.proposal_df, mode, scale_tril)
-    total = settings.num_chains * settings.num_samples
-    num_proposals = settings.importance_draws or total
-    z = proposal.sample(proposal_key, (num_proposals,))
-    potentials = jax.jit(lambda zs: jax.lax.map(flat_potential, zs,
-                                                batch_size=batch_size))(z)
-    log_w = np.asarray(-potentials - proposal.log_prob(z), dtype=np.float64)
+    log_w = np.asarray(log_w, dtype=np.float64)
     log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
     smoothed, k_hat = _psis(log_w - np.max(log_w))
     weights = np.exp(smoothed - np.max(smoothed))
@@ -218,6 +300,6 @@ def laplace_globals(key, model, model_args: tuple, settings: GlobalsSettings,
         warnings.warn(f"Laplace importance correction is unreliable (Pareto k = {k_hat:.2f} > "
                       "0.7); use server='nuts' for this model", RuntimeWarning, stacklevel=2)
     diagnostics = {"server": "laplace", "pareto_k": k_hat, "importance_ess": ess,
-                   "optimizer_success": bool(result.success),
-                   "mode_gradient": float(jnp.max(jnp.abs(grad(mode))))}
+                   "importance_draws": num_proposals, "newton_iterations": int(iterations),
+                   "newton_decrement": float(decrement)}
     return draws, diagnostics

@@ -1,0 +1,977 @@
+r"""Federated expectation propagation (EP) for any NumPyro model with one client plate.
+
+The model is :math:`\phi \sim p(\phi)`, :math:`\theta_i \mid \phi \sim p(\theta_i \mid \phi)`,
+:math:`D_i \mid \theta_i, \phi \sim p(D_i \mid \theta_i, \phi)`. EP approximates the posterior
+of the unconstrained global parameters :math:`z = T^{-1}(\phi)` by a Gaussian that factorizes
+over clients (Vehtari et al. 2020, *EP as a way of life*; Ashman et al. 2022, *Partitioned
+VI*; Guo et al. 2023, *FedEP*):
+
+.. math::
+    q(z) = \prod_{i=1}^N t_i(z), \qquad
+    t_i(z) \approx p(z)^{1/N} \int p(\theta_i \mid z)\, p(D_i \mid \theta_i, z)\, d\theta_i
+
+Each site :math:`t_i` is a Gaussian in natural parameters (precision :math:`\Lambda_i`,
+precision-times-mean :math:`h_i`) and **lives on client i**.
+
+**The prior.** It is divided among the clients, exactly: each tilted problem carries
+:math:`p(z)^{1/N}` (the prior's log density and its log-Jacobian, scaled by ``1/N`` with a
+NumPyro handler), so no Gaussian approximation of the prior is made and the server never
+evaluates it. The global approximation is the sum of the sites only. The initial sites are
+:math:`N(0, N s_0^2 I)` each, so the first global approximation is :math:`N(0, s_0^2 I)`
+(:data:`INITIAL_SCALE`); EP's fixed point does not depend on them.
+
+**One round, on client i** (:func:`ep_algorithm`'s ``client_update``):
+
+1. cavity :math:`q_{-i} = q / t_i` (natural parameters ``Q - Lambda_i``, ``eta - h_i``);
+   if it is not positive definite the client removes only a fraction
+   :math:`\kappa \in \{1, 1/2, 1/4, \dots, 0\}` of its site, the largest that leaves a
+   positive definite cavity (recorded as ``cavity_power``);
+2. tilted inference on :math:`(z, \theta_i)` with the cavity as the prior on :math:`z`,
+   using only its own rows: the model is run with ``num_clients=1`` on the client's padded
+   rows through handlers (prior scaled by ``1/N``, padding rows masked), never rewritten.
+   ``"laplace"`` (mode and Hessian by damped Newton), ``"nuts"`` (NumPyro's functional NUTS
+   kernel) or ``"svi"`` (a full-covariance Gaussian over :math:`(z, \theta_i)` fitted with
+   Optax, the partitioned-VI update);
+3. moment matching: the tilted marginal of :math:`z` gives new global natural parameters
+   :math:`(P, P m)`; the site that would produce them is
+   :math:`\Lambda_i^{new} = \Lambda_i + P - Q`, so the damped change is
+   :math:`\delta_i = \alpha\,(P - Q,\ P m - \eta)`, whatever the cavity fraction;
+4. the client sends :math:`\delta_i` and keeps it as *pending*.
+
+For sampled tilted distributions (NUTS) and for SVI the moments are estimated with Stein's
+identity rather than from raw sample moments (:func:`tilted_moments`): with
+:math:`g = \nabla_z \log h` the gradient of the client's own log factor,
+:math:`Q_c(m - m_c) = E[g]` and :math:`S\,Q_c = I + E[(z - m) g^\top]`. The Monte Carlo error
+of the *change* then scales with the client's own information rather than with the global
+precision, so summing N noisy sites does not add :math:`\sqrt{N}` times the noise of one.
+(When the client's own information dominates its cavity, the plain sample moments are used.)
+
+**The server** (``server_update``) adds the changes of the clients whose messages arrived
+and passed validation: ``Q += sum(delta_precision)``, ``eta += sum(delta_shift)``. If the new
+``Q`` is not positive definite it backs off, applying only a fraction
+:math:`s \in \{1, 1/2, \dots, 2^{-7}, 0\}` of the sum, and records ``s`` for that step in
+``applied_scale``; each client commits its pending change times that fraction when it next
+works (or finalizes), so the server's sum always equals the sum of the clients' sites.
+
+**What the server sees**: the *sum* of the damped changes of natural parameters over the
+clients that replied (a ``[d, d]`` matrix and a ``[d]`` vector, ``d`` the number of
+unconstrained global parameters), and which clients replied. It never sees a client's data,
+its site, or its personal parameters; the per-message positive-definiteness check
+(:func:`validate_message`) is the only thing that looks at one message alone, and a secure
+aggregation transport can replace it by the aggregate check the server does anyway.
+
+**Personal posteriors** (``client_finalize``): each client runs its tilted inference once
+more against the final global approximation. Its draws of :math:`\theta_i` are paired with
+the global draws of :math:`z` (the same for every client) by a linear regression adjustment,
+:math:`\theta_s = \theta^{tilt}_s + B (z^{glob}_s - z^{tilt}_s)` with
+:math:`B = \mathrm{Cov}(\theta, z)\mathrm{Cov}(z)^{-1}` from the tilted draws, so the joint
+draws keep the tilted correlation between :math:`\theta_i` and :math:`z` (exact for a
+Gaussian tilted distribution).
+
+Examples
+--------
+>>> import numpy as np, hierfl as hf
+>>> rng = np.random.default_rng(0)
+>>> data = hf.ClientData.from_dict({c: {"y": rng.normal(i, 1.0, 5), "sigma": np.ones(5)}
+...                                 for i, c in enumerate("abcd")})
+>>> fit = hf.fit(hf.NormalNormal(priors={"tau": 1.0}), data, method="ep", tilted="laplace",
+...              num_rounds=8, num_samples=100)
+>>> fit.to_arviz().posterior["theta"].dims
+('chain', 'draw', 'client')
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from jax.flatten_util import ravel_pytree
+from numpyro.infer.util import constrain_fn, potential_energy
+from numpyro.primitives import Messenger
+
+from ..data import ClientData, ModelData
+from ..fit import Fit, ModelSites, StoredClientSamples, inspect_model
+from ..protocol import SkipRecord, simulate
+from .globals_inference import unconstrained
+
+__all__ = [
+    "EPBroadcast",
+    "EPClientState",
+    "EPMessage",
+    "EPServerInfo",
+    "EPServerState",
+    "EPSettings",
+    "TiltedProblem",
+    "ep_algorithm",
+    "fit_ep",
+    "tilted_moments",
+    "tilted_problem",
+]
+
+#: prior sd of every unconstrained global parameter in the *initial* global approximation
+INITIAL_SCALE = 3.0
+#: server back-off: fractions 1, 1/2, ..., 2^-(BACKOFF_STEPS-1) of the summed change, then 0
+BACKOFF_STEPS = 8
+#: client back-off: fractions of its own site removed to form the cavity (then 0)
+CAVITY_STEPS = 8
+#: Stein moment estimators are used when the cavity holds at least this share of the tilted
+#: precision (``trace(Q_c S) / d``); below it the client dominates and raw moments are used
+STEIN_MIN_CAVITY_SHARE = 0.5
+#: relative tolerance of the symmetry check on a message's precision change
+SYMMETRY_TOLERANCE = 1e-3
+#: line-search step fractions of the damped Newton optimizer (Laplace tilted inference)
+LINE_SEARCH = 2.0 ** -np.arange(12)
+#: eigenvalue floor (relative) that makes a Newton direction a descent direction
+EIGEN_FLOOR = 1e-6
+#: rounds in a row below ``tol`` that count as converged
+PATIENCE = 2
+#: default convergence tolerance (max change of a global mean in sds, and of log sd)
+DEFAULT_TOL = {"laplace": 1e-3, "nuts": 0.05, "svi": 0.05}
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+class EPSettings(NamedTuple):
+    """Options of the EP engine (all keyword options of ``hf.fit(..., method="ep")``).
+
+    Attributes
+    ----------
+    tilted : {"nuts", "laplace", "svi"}
+        Tilted inference on each client.
+    damping : float
+        Fraction :math:`\\alpha` of the moment-matched site change that a client applies.
+    num_rounds : int
+        Maximum number of rounds.
+    schedule : {"synchronous", "sequential"}
+        All (or a random fraction of) clients in parallel from the same global
+        approximation, or one client after another, each seeing the previous one's update.
+    participation, dropout : float
+        Fraction of clients asked per round; probability an asked client drops out.
+    tol : float or None
+        Converged when the largest change of a global mean (in posterior sds) and of a log
+        sd stay below ``tol`` for :data:`PATIENCE` rounds (default by ``tilted``:
+        :data:`DEFAULT_TOL`).
+    num_warmup, num_samples : int
+        NUTS warmup and kept draws per tilted run; ``num_samples`` is also the number of
+        posterior draws of the fit (global and personal).
+    target_accept, max_tree_depth : float, int
+        NUTS settings.
+    newton_steps : int
+        Damped Newton iterations of the Laplace tilted inference (warm-started).
+    svi_steps, svi_learning_rate, svi_particles : int, float, int
+        SVI tilted inference: Adam steps, learning rate, ELBO draws per step.
+    moment_draws : int
+        Draws from the fitted Gaussian used for the SVI moment estimate.
+    """
+
+    tilted: str = "nuts"
+    damping: float = 0.5
+    num_rounds: int = 10
+    schedule: str = "synchronous"
+    participation: float = 1.0
+    dropout: float = 0.0
+    tol: float | None = None
+    num_warmup: int = 300
+    num_samples: int = 500
+    target_accept: float = 0.85
+    max_tree_depth: int = 8
+    newton_steps: int = 20
+    svi_steps: int = 400
+    svi_learning_rate: float = 0.05
+    svi_particles: int = 8
+    moment_draws: int = 256
+
+
+# ---------------------------------------------------------------------------- states
+
+
+class EPClientState(NamedTuple):
+    """One client's state (stacked on a leading client axis by the drivers).
+
+    ``d`` unconstrained global dimensions, ``D = d + local`` dimensions of the tilted problem.
+    """
+
+    site_precision: Any  # [d, d]  committed site natural parameters
+    site_shift: Any  # [d]
+    pending_precision: Any  # [d, d] last change sent, applied by the server times a fraction
+    pending_shift: Any  # [d]
+    pending_step: Any  # int32 []  server step of the pending change (-1: none)
+    position: Any  # [D]  warm start: last mode / last draw / guide mean
+    scale: Any  # [D, D] warm start: NUTS inverse mass matrix / SVI guide scale_tril
+    step_size: Any  # []  NUTS step size
+    cavity_power: Any  # []  fraction of the site removed in the last cavity
+
+
+class EPServerState(NamedTuple):
+    """Server state: the global Gaussian on the unconstrained ``phi``, natural parameters."""
+
+    precision: Any  # [d, d]
+    shift: Any  # [d]
+    step: Any  # int32 []  number of server updates so far
+    applied_scale: Any  # [max_steps] fraction of each step's summed change applied
+    draw_key: Any  # PRNG key of the final global draws (the same for every client)
+
+
+class EPBroadcast(NamedTuple):
+    """What the server sends: the global natural parameters and the commit fractions."""
+
+    precision: Any
+    shift: Any
+    step: Any
+    applied_scale: Any
+    draw_key: Any
+
+
+class EPMessage(NamedTuple):
+    """A client's damped change of its site's natural parameters."""
+
+    precision_change: Any  # [d, d]
+    shift_change: Any  # [d]
+
+
+class EPServerInfo(NamedTuple):
+    """Per-round server diagnostics."""
+
+    mean: Any  # [d] global mean of the unconstrained phi
+    sd: Any  # [d] global sd
+    mean_change: Any  # [] max |change of mean| / sd
+    sd_change: Any  # [] max |change of log sd|
+    applied_scale: Any  # [] fraction of the summed change applied (back-off)
+    received: Any  # [] number of messages added
+
+
+class ClientInfo(NamedTuple):
+    """Per-client diagnostics of one tilted inference."""
+
+    cavity_power: Any
+    divergences: Any
+    used_stein: Any
+
+
+# ---------------------------------------------------------------------------- tilted problem
+
+
+class _TiltedWeights(Messenger):
+    """Handler turning the model at ``num_clients=1`` into one client's tilted factor.
+
+    Sites outside every plate (the global prior, its log-Jacobian, global factors) are scaled
+    by ``prior_weight = 1/N``; observed sites in a row plate are masked to the client's real
+    rows. Sites in the client plate are left as they are.
+    """
+
+    def __init__(self, fn, *, prior_weight, mask, num_rows: int, client_plate: str):
+        self.prior_weight, self.mask = prior_weight, mask
+        self.num_rows, self.client_plate = num_rows, client_plate
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] != "sample":
+            return
+        frames = msg.get("cond_indep_stack") or []
+        if not frames:
+            msg["scale"] = self.prior_weight if msg["scale"] is None else \
+                msg["scale"] * self.prior_weight
+            return
+        if not msg["is_observed"] or str(msg["name"]).endswith("_log_det"):
+            return
+        row_plate = any(f.name != self.client_plate and f.size == self.num_rows
+                        for f in frames)
+        batch_shape = tuple(msg["fn"].batch_shape)
+        if row_plate and batch_shape and batch_shape[0] == self.num_rows:
+            mask = jnp.reshape(self.mask, (self.num_rows,) + (1,) * (len(batch_shape) - 1))
+            msg["fn"] = msg["fn"].mask(mask)
+
+
+class TiltedProblem(NamedTuple):
+    """One client's tilted problem, as pure functions of a flat vector ``[phi, local]``.
+
+    Attributes
+    ----------
+    phi_dim, dim : int
+        Unconstrained dimensions of the global sites, and of globals plus the client's own.
+    global_latent, local_latent : tuple of str
+        Latent sample sites (global; the client's own).
+    potential : callable
+        ``potential(x, fields, mask) -> -log [p(z)^{1/N} p(theta_i | z) p(D_i | theta_i, z)]``
+        (without the cavity), ``x`` flat ``[dim]``.
+    constrain : callable
+        ``constrain(x, fields, mask) -> {site: value}`` constrained sample and deterministic
+        sites of the model at ``num_clients=1``.
+    unravel : callable
+        Flat vector to ``{"phi": {...}, "local": {...}}`` of unconstrained values.
+    """
+
+    phi_dim: int
+    dim: int
+    global_latent: tuple
+    local_latent: tuple
+    potential: Callable
+    constrain: Callable
+    unravel: Callable
+
+
+def _client_model_data(fields, num_rows: int) -> ModelData:
+    return ModelData(fields, jnp.zeros(num_rows, dtype=jnp.int32), 1)
+
+
+def tilted_problem(model, sites: ModelSites, probe_fields: dict, num_rows: int,
+                   num_clients: int) -> TiltedProblem:
+    """Build the tilted problem of ``model`` for clients padded to ``num_rows`` rows.
+
+    Parameters
+    ----------
+    model : callable
+        NumPyro model with one client plate (``sites.client_plate``).
+    sites : ModelSites
+        From :func:`~hierfl.fit.inspect_model` on the full data.
+    probe_fields : dict
+        One client's padded fields ``{name: [num_rows, ...]}`` (shapes only are used).
+    num_rows : int
+        Padded rows per client.
+    num_clients : int
+        ``N``: the prior is raised to ``1/N`` in every tilted problem.
+    """
+    probe = _client_model_data(probe_fields, num_rows)
+    z0 = unconstrained(model, (probe,)).z0
+    global_latent = tuple(k for k in z0 if k in sites.global_sites)
+    local_latent = tuple(k for k in z0 if k not in sites.global_sites)
+    template = {"phi": {k: z0[k] for k in global_latent},
+                "local": {k: z0[k] for k in local_latent}}
+    flat, unravel = ravel_pytree(template)
+    phi_dim = int(ravel_pytree(template["phi"])[0].shape[0])
+    if phi_dim == 0:
+        raise ValueError("method='ep' needs at least one latent global site outside the client "
+                         "plate; this model has none")
+    prior_weight = 1.0 / num_clients
+
+    def params_of(x):
+        z = unravel(x)
+        return {**z["phi"], **z["local"]}
+
+    def potential(x, fields, mask):
+        weighted = _TiltedWeights(model, prior_weight=prior_weight, mask=mask,
+                                  num_rows=num_rows, client_plate=sites.client_plate)
+        return potential_energy(weighted, (_client_model_data(fields, num_rows),), {},
+                                params_of(x))
+
+    def constrain(x, fields, mask):
+        del mask
+        return constrain_fn(model, (_client_model_data(fields, num_rows),), {}, params_of(x),
+                            return_deterministic=True)
+
+    return TiltedProblem(phi_dim, int(flat.shape[0]), global_latent, local_latent, potential,
+                         constrain, unravel)
+
+
+# ---------------------------------------------------------------------------- linear algebra
+
+
+def _symmetrize(a):
+    return 0.5 * (a + a.T)
+
+
+def _is_pd(a):
+    chol = jnp.linalg.cholesky(_symmetrize(a))
+    return jnp.all(jnp.isfinite(chol))
+
+
+def _moments(precision, shift):
+    """Mean and covariance of a Gaussian in natural parameters (NaN if not PD)."""
+    chol = jnp.linalg.cholesky(_symmetrize(precision))
+    eye = jnp.eye(precision.shape[0], dtype=precision.dtype)
+    inv_chol = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+    covariance = inv_chol.T @ inv_chol
+    return covariance @ shift, covariance
+
+
+def _inverse(a):
+    chol = jnp.linalg.cholesky(_symmetrize(a))
+    eye = jnp.eye(a.shape[0], dtype=a.dtype)
+    inv_chol = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+    return inv_chol.T @ inv_chol
+
+
+def tilted_moments(phi_draws, gradients, cavity_precision, cavity_shift):
+    r"""Natural parameters :math:`(P, Pm)` of the tilted marginal of ``phi`` from draws.
+
+    Stein's identity for the tilted density :math:`c(z) h(z)` with Gaussian cavity
+    :math:`c = N(m_c, Q_c^{-1})` and :math:`g = \nabla \log h` gives
+    :math:`Q_c (m - m_c) = E[g]` and :math:`S Q_c = I + E[(z - m) g^\top]`, so
+
+    .. math::
+        P = Q_c (I + C)^{-1},\qquad P m = Q_c m_c + E[g] + (P - Q_c) m.
+
+    Used when the cavity holds at least :data:`STEIN_MIN_CAVITY_SHARE` of the tilted
+    precision; otherwise the raw sample moments.
+
+    Parameters
+    ----------
+    phi_draws : ``[S, d]`` draws of the unconstrained globals from the tilted distribution
+    gradients : ``[S, d]`` gradients of ``log h`` (the non-cavity part) w.r.t. ``phi``
+    cavity_precision : ``[d, d]``
+    cavity_shift : ``[d]``
+
+    Returns
+    -------
+    precision, shift, used_stein
+    """
+    d = phi_draws.shape[-1]
+    eye = jnp.eye(d, dtype=phi_draws.dtype)
+    mean = jnp.mean(phi_draws, axis=0)
+    centred = phi_draws - mean
+    covariance = centred.T @ centred / phi_draws.shape[0]
+    direct_precision = _inverse(covariance)
+    cross = centred.T @ gradients / phi_draws.shape[0]
+    stein_precision = _symmetrize(cavity_precision @ jnp.linalg.inv(eye + cross))
+    stein_shift = cavity_shift + jnp.mean(gradients, axis=0) + \
+        (stein_precision - cavity_precision) @ mean
+    share = jnp.trace(cavity_precision @ covariance) / d
+    use_stein = share >= STEIN_MIN_CAVITY_SHARE
+    precision = jnp.where(use_stein, stein_precision, direct_precision)
+    shift = jnp.where(use_stein, stein_shift, direct_precision @ mean)
+    return precision, shift, use_stein
+
+
+# ---------------------------------------------------------------------------- tilted inference
+
+
+class TiltedResult(NamedTuple):
+    precision: Any  # [d, d] tilted precision of phi
+    shift: Any  # [d]
+    draws: Any  # [S, D] joint draws (unconstrained)
+    position: Any
+    scale: Any
+    step_size: Any
+    divergences: Any
+    used_stein: Any
+
+
+def _laplace(potential, x0, settings: EPSettings, phi_dim: int, key, num_draws: int):
+    """Damped Newton to the mode; Gaussian with the inverse Hessian there."""
+    steps = jnp.asarray(LINE_SEARCH, dtype=x0.dtype)
+
+    def newton(x, _):
+        value, grad = jax.value_and_grad(potential)(x)
+        hessian = _symmetrize(jax.hessian(potential)(x))
+        eigenvalues, vectors = jnp.linalg.eigh(hessian)
+        floor = EIGEN_FLOOR * jnp.maximum(1.0, jnp.max(jnp.abs(eigenvalues)))
+        direction = vectors @ ((vectors.T @ grad) / jnp.maximum(jnp.abs(eigenvalues), floor))
+        candidates = x[None, :] - steps[:, None] * direction[None, :]
+        values = jax.vmap(potential)(candidates)
+        values = jnp.where(jnp.isfinite(values), values, jnp.inf)
+        better = values < value
+        index = jnp.argmax(better)
+        x_new = jnp.where(jnp.any(better) & jnp.all(jnp.isfinite(direction)),
+                          candidates[index], x)
+        return x_new, None
+
+    mode, _ = jax.lax.scan(newton, x0, None, length=settings.newton_steps)
+    hessian = _symmetrize(jax.hessian(potential)(mode))
+    covariance = _inverse(hessian)
+    phi_cov = covariance[:phi_dim, :phi_dim]
+    precision = _inverse(phi_cov)
+    shift = precision @ mode[:phi_dim]
+    chol = jnp.linalg.cholesky(covariance)
+    draws = mode + jax.random.normal(key, (num_draws, mode.shape[0]), mode.dtype) @ chol.T
+    return TiltedResult(precision, shift, draws, mode, chol, jnp.asarray(1.0, mode.dtype),
+                        jnp.asarray(0, jnp.int32), jnp.asarray(False))
+
+
+def _nuts(potential, noncavity, cavity, x0, inverse_mass, step_size, settings: EPSettings,
+          phi_dim: int, key):
+    from numpyro.infer.hmc import hmc
+
+    init_kernel, sample_kernel = hmc(potential, algo="NUTS")
+    warmup, samples = settings.num_warmup, settings.num_samples
+    state = init_kernel(x0, num_warmup=warmup, step_size=step_size,
+                        inverse_mass_matrix=inverse_mass, dense_mass=True,
+                        target_accept_prob=settings.target_accept,
+                        max_tree_depth=settings.max_tree_depth,
+                        find_heuristic_step_size=True, rng_key=key)
+
+    def body(state, _):
+        state = sample_kernel(state)
+        return state, (state.z, state.diverging)
+
+    state, (draws, diverging) = jax.lax.scan(body, state, None, length=warmup + samples)
+    draws, diverging = draws[warmup:], diverging[warmup:]
+    gradients = -jax.vmap(jax.grad(noncavity))(draws)[:, :phi_dim]
+    precision, shift, used = tilted_moments(draws[:, :phi_dim], gradients, *cavity)
+    adapt = state.adapt_state
+    return TiltedResult(precision, shift, draws, draws[-1], adapt.inverse_mass_matrix,
+                        adapt.step_size, jnp.sum(diverging).astype(jnp.int32), used)
+
+
+def _svi(potential, noncavity, cavity, x0, scale_tril0, settings: EPSettings, phi_dim: int,
+         key, num_draws: int):
+    """Full-covariance Gaussian VI on the tilted problem (Adam, Polyak-averaged)."""
+    import optax
+
+    dim = x0.shape[0]
+    lower = jnp.tril_indices(dim, -1)
+
+    def unpack(params):
+        loc, log_diag, off = params
+        chol = jnp.diag(jnp.exp(log_diag)).at[lower].set(off)
+        return loc, chol
+
+    params = (x0, jnp.log(jnp.diag(scale_tril0)), scale_tril0[lower])
+    optimizer = optax.adam(settings.svi_learning_rate)
+
+    def negative_elbo(params, key):
+        loc, chol = unpack(params)
+        q = dist.MultivariateNormal(loc, scale_tril=chol)
+        x = q.rsample(key, (settings.svi_particles,))
+        return jnp.mean(jax.vmap(potential)(x)) - q.entropy()
+
+    def step(carry, key):
+        params, opt_state, average, count = carry
+        grads = jax.grad(negative_elbo)(params, key)
+        grads = jax.tree_util.tree_map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        late = count >= settings.svi_steps // 2
+        weight = jnp.where(late, 1.0 / jnp.maximum(count - settings.svi_steps // 2 + 1, 1),
+                           1.0)
+        average = jax.tree_util.tree_map(lambda a, p: a + weight * (p - a), average, params)
+        return (params, opt_state, average, count + 1), None
+
+    fit_key, draw_key = jax.random.split(key)
+    carry = (params, optimizer.init(params), params, jnp.asarray(0))
+    (_, _, average, _), _ = jax.lax.scan(step, carry,
+                                         jax.random.split(fit_key, settings.svi_steps))
+    loc, chol = unpack(average)
+    moment_key, final_key = jax.random.split(draw_key)
+    x = loc + jax.random.normal(moment_key, (settings.moment_draws, dim), loc.dtype) @ chol.T
+    gradients = -jax.vmap(jax.grad(noncavity))(x)[:, :phi_dim]
+    precision, shift, used = tilted_moments(x[:, :phi_dim], gradients, *cavity)
+    draws = loc + jax.random.normal(final_key, (num_draws, dim), loc.dtype) @ chol.T
+    return TiltedResult(precision, shift, draws, loc, chol, jnp.asarray(1.0, loc.dtype),
+                        jnp.asarray(0, jnp.int32), used)
+
+
+# ---------------------------------------------------------------------------- the algorithm
+
+
+def _commit(state: EPClientState, broadcast: EPBroadcast):
+    """The client's current site: committed part plus its pending change times the fraction
+    the server applied."""
+    index = jnp.clip(state.pending_step, 0, broadcast.applied_scale.shape[0] - 1)
+    fraction = jnp.where(state.pending_step >= 0, broadcast.applied_scale[index], 0.0)
+    return (state.site_precision + fraction * state.pending_precision,
+            state.site_shift + fraction * state.pending_shift)
+
+
+def ep_algorithm(problem: TiltedProblem, *, num_clients: int, settings: EPSettings = EPSettings(),
+                 max_steps: int | None = None, keep: tuple[str, ...] | None = None):
+    """EP as a :class:`~hierfl.protocol.FederatedAlgorithm` (see the module docstring).
+
+    Parameters
+    ----------
+    problem : TiltedProblem
+    num_clients : int
+    settings : EPSettings
+    max_steps : int, optional
+        Number of server updates the state has room for (default ``settings.num_rounds``;
+        the sequential schedule makes one server update per client).
+    keep : tuple of str, optional
+        Sites that ``client_finalize`` returns (default: every sample and deterministic site;
+        per-row deterministic sites can be large).
+    """
+    from ..protocol import FederatedAlgorithm
+
+    if settings.tilted not in ("laplace", "nuts", "svi"):
+        raise ValueError(f"tilted must be 'laplace', 'nuts' or 'svi', got {settings.tilted!r}")
+    d, dim = problem.phi_dim, problem.dim
+    max_steps = int(max_steps or settings.num_rounds)
+    powers = jnp.concatenate([2.0 ** -jnp.arange(CAVITY_STEPS), jnp.zeros(1)])
+    scales = jnp.concatenate([2.0 ** -jnp.arange(BACKOFF_STEPS), jnp.zeros(1)])
+
+    def init(key, client_data):
+        del client_data
+        eye = jnp.eye(d)
+        site = EPClientState(
+            site_precision=eye / (num_clients * INITIAL_SCALE**2), site_shift=jnp.zeros(d),
+            pending_precision=jnp.zeros((d, d)), pending_shift=jnp.zeros(d),
+            pending_step=jnp.asarray(-1, jnp.int32), position=jnp.zeros(dim),
+            scale=jnp.eye(dim) * (0.1 if settings.tilted == "svi" else 1.0),
+            step_size=jnp.asarray(0.1), cavity_power=jnp.asarray(1.0))
+        clients = jax.tree_util.tree_map(
+            lambda a: jnp.broadcast_to(a, (num_clients,) + jnp.shape(a)), site)
+        server = EPServerState(eye / INITIAL_SCALE**2, jnp.zeros(d), jnp.asarray(0, jnp.int32),
+                               jnp.ones(max_steps), key)
+        return server, clients
+
+    def broadcast(state: EPServerState) -> EPBroadcast:
+        return EPBroadcast(*state)
+
+    def tilted(key, bc: EPBroadcast, state: EPClientState, data, num_draws: int):
+        site_precision, site_shift = _commit(state, bc)
+        candidates = jax.vmap(lambda p: _is_pd(bc.precision - p * site_precision))(powers)
+        power = powers[jnp.argmax(candidates)]
+        cavity = (_symmetrize(bc.precision - power * site_precision),
+                  bc.shift - power * site_shift)
+        fields, mask = data["fields"], data["mask"]
+
+        def noncavity(x):
+            return problem.potential(x, fields, mask)
+
+        def potential(x):
+            phi = x[:d]
+            return noncavity(x) + 0.5 * phi @ cavity[0] @ phi - cavity[1] @ phi
+
+        if settings.tilted == "laplace":
+            result = _laplace(potential, state.position, settings, d, key, num_draws)
+        elif settings.tilted == "nuts":
+            result = _nuts(potential, noncavity, cavity, state.position, state.scale,
+                           state.step_size, settings, d, key)
+        else:
+            result = _svi(potential, noncavity, cavity, state.position, state.scale, settings,
+                          d, key, num_draws)
+        return result, (site_precision, site_shift), power
+
+    def client_update(key, bc: EPBroadcast, state: EPClientState, data):
+        result, (site_precision, site_shift), power = tilted(key, bc, state, data,
+                                                              settings.num_samples)
+        change = EPMessage(settings.damping * _symmetrize(result.precision - bc.precision),
+                           settings.damping * (result.shift - bc.shift))
+        scale = jnp.where(jnp.all(jnp.isfinite(result.scale)), result.scale, state.scale)
+        position = jnp.where(jnp.all(jnp.isfinite(result.position)), result.position,
+                             state.position)
+        step_size = jnp.where(jnp.isfinite(result.step_size), result.step_size,
+                              state.step_size)
+        new_state = EPClientState(site_precision, site_shift, change.precision_change,
+                                  change.shift_change, bc.step.astype(jnp.int32), position,
+                                  scale, step_size, power)
+        return new_state, change, ClientInfo(power, result.divergences, result.used_stein)
+
+    def server_update(key, state: EPServerState, messages: EPMessage, received):
+        del key
+        weight = received.astype(state.precision.dtype)
+        total_precision = jnp.einsum("n,nij->ij", weight,
+                                     jnp.where(received[:, None, None],
+                                               messages.precision_change, 0.0))
+        total_shift = jnp.einsum("n,ni->i", weight,
+                                 jnp.where(received[:, None], messages.shift_change, 0.0))
+        ok = jax.vmap(lambda s: _is_pd(state.precision + s * total_precision))(scales)
+        applied = scales[jnp.argmax(ok)]
+        precision = _symmetrize(state.precision + applied * total_precision)
+        shift = state.shift + applied * total_shift
+        old_mean, old_cov = _moments(state.precision, state.shift)
+        mean, covariance = _moments(precision, shift)
+        old_sd, sd = jnp.sqrt(jnp.diag(old_cov)), jnp.sqrt(jnp.diag(covariance))
+        info = EPServerInfo(mean, sd, jnp.max(jnp.abs(mean - old_mean) / sd),
+                            jnp.max(jnp.abs(jnp.log(sd / old_sd))), applied,
+                            jnp.sum(received))
+        index = jnp.clip(state.step, 0, max_steps - 1)
+        new_state = EPServerState(precision, shift, state.step + 1,
+                                  state.applied_scale.at[index].set(applied), state.draw_key)
+        return new_state, info
+
+    @jax.jit
+    def client_finalize(key, bc: EPBroadcast, state: EPClientState, data):
+        result, _, _ = tilted(key, bc, state, data, settings.num_samples)
+        global_draws = _global_draws(bc, settings.num_samples)
+        draws = result.draws
+        phi_tilted, local = draws[:, :d], draws[:, d:]
+        centred_phi = phi_tilted - jnp.mean(phi_tilted, axis=0)
+        centred_local = local - jnp.mean(local, axis=0)
+        cov_pp = centred_phi.T @ centred_phi / draws.shape[0]
+        cov_lp = centred_local.T @ centred_phi / draws.shape[0]
+        regression = jnp.linalg.solve(cov_pp + 1e-9 * jnp.eye(d), cov_lp.T).T
+        adjusted = local + (global_draws - phi_tilted) @ regression.T
+        joint = jnp.concatenate([global_draws, adjusted], axis=1)
+        values = jax.vmap(lambda x: problem.constrain(x, data["fields"], data["mask"]))(joint)
+        return {k: v for k, v in values.items() if keep is None or k in keep}
+
+    return FederatedAlgorithm(init, broadcast, client_update, server_update, client_finalize,
+                              validate_message)
+
+
+def _global_draws(bc: EPBroadcast, num_draws: int):
+    mean, covariance = _moments(bc.precision, bc.shift)
+    chol = jnp.linalg.cholesky(covariance + 1e-12 * jnp.eye(mean.shape[0]))
+    noise = jax.random.normal(bc.draw_key, (num_draws, mean.shape[0]), mean.dtype)
+    return mean + noise @ chol.T
+
+
+def validate_message(message: EPMessage, bc: EPBroadcast | None = None):
+    """A message is valid when its precision change is symmetric and, given the broadcast
+    global approximation, ``Q + change`` is positive definite (finiteness and shapes are
+    checked by the driver)."""
+    change = message.precision_change
+    asymmetry = jnp.max(jnp.abs(change - change.T))
+    symmetric = asymmetry <= SYMMETRY_TOLERANCE * (1.0 + jnp.max(jnp.abs(change)))
+    if bc is None:
+        return symmetric
+    return symmetric & _is_pd(bc.precision + change)
+
+
+# ---------------------------------------------------------------------------- sequential
+
+
+def _sequential_round(algorithm, problem_dim, round_key, server_state, client_states,
+                      client_data, working):
+    """One sequential sweep: clients in a random order, each against the latest global."""
+    num_clients = working.shape[0]
+    order = jax.random.permutation(jax.random.fold_in(round_key, 0), num_clients)
+
+    def body(carry, i):
+        server, clients = carry
+        key = jax.random.fold_in(round_key, i + 1)
+        bc = algorithm.broadcast(server)
+        state_i = jax.tree_util.tree_map(lambda a: a[i], clients)
+        data_i = jax.tree_util.tree_map(lambda a: a[i], client_data)
+        new_state, message, _ = algorithm.client_update(key, bc, state_i, data_i)
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf))
+                                    for leaf in jax.tree_util.tree_leaves(message)]))
+        valid = finite & algorithm.validate_message(message, bc)
+        ok = working[i] & valid
+        stacked = jax.tree_util.tree_map(lambda a: a[None], message)
+        server_new, info = algorithm.server_update(key, server, stacked, ok[None])
+        chosen = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_state, state_i)
+        clients = jax.tree_util.tree_map(lambda a, b: a.at[i].set(b), clients, chosen)
+        return (server_new, clients), (i, working[i] & ~valid, info.applied_scale)
+
+    (server_state, client_states), (index, invalid, applied) = jax.lax.scan(
+        body, (server_state, client_states), order)
+    return server_state, client_states, index, invalid, applied
+
+
+# ---------------------------------------------------------------------------- fit
+
+
+def _options(options: dict) -> EPSettings:
+    unknown = set(options) - set(EPSettings._fields)
+    if unknown:
+        raise TypeError(f"unknown options for method='ep': {sorted(unknown)}; known: "
+                        f"{sorted(EPSettings._fields)}")
+    settings = EPSettings(**options)
+    if settings.schedule not in ("synchronous", "sequential"):
+        raise ValueError(f"schedule must be 'synchronous' or 'sequential', got "
+                         f"{settings.schedule!r}")
+    if not 0.0 < settings.damping <= 1.0:
+        raise ValueError(f"damping must be in (0, 1], got {settings.damping}")
+    return settings
+
+
+class EPRun(NamedTuple):
+    """Everything a fit needs from a run of the pure core (also what a checkpoint holds)."""
+
+    server_state: EPServerState
+    client_states: EPClientState
+    personal: dict
+    rounds: list
+    skips: list
+    history: dict
+    converged_round: int | None
+
+
+def prepare(model, data: ClientData, settings: EPSettings):
+    """Sites, tilted problem, stacked client data and the algorithm for ``model`` on ``data``.
+
+    Returns ``(sites, problem, client_data, algorithm)``; ``client_data`` is
+    ``{"fields": {name: [N, max_n, ...]}, "mask": [N, max_n]}``.
+    """
+    sites = inspect_model(model, data.batch())
+    padded, mask = data.padded(dtype=np.float32)
+    fields = {k: jnp.asarray(v) for k, v in padded.items()}
+    client_data = {"fields": fields, "mask": jnp.asarray(mask)}
+    probe = {k: v[0] for k, v in fields.items()}
+    problem = tilted_problem(model, sites, probe, int(mask.shape[1]), data.num_clients)
+    steps = settings.num_rounds * (data.num_clients if settings.schedule == "sequential" else 1)
+    algorithm = ep_algorithm(problem, num_clients=data.num_clients, settings=settings,
+                             max_steps=steps, keep=sites.global_sites + sites.client_sites)
+    return sites, problem, client_data, algorithm
+
+
+def run_ep(algorithm, key, client_data, client_ids, settings: EPSettings, *,
+           corrupt=None, state=None, start_round: int = 0, on_round=None,
+           progress: bool = False) -> EPRun:
+    """Run EP rounds with either schedule; returns an :class:`EPRun`.
+
+    ``state=(server_state, client_states)`` and ``start_round`` resume a run; rounds use
+    ``fold_in(key, round)``, so a resumed run continues identically.
+    """
+    tol = DEFAULT_TOL[settings.tilted] if settings.tol is None else settings.tol
+    history = {"round": [], "mean": [], "sd": [], "mean_change": [], "sd_change": [],
+               "applied_scale": [], "received": [], "participants": [], "seconds": []}
+    below = [0]
+    converged_at: list[int | None] = [None]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=settings.num_rounds, initial=start_round,
+                   desc=f"ep[{settings.tilted}] rounds")
+    clock = [time.perf_counter()]
+
+    def record(round_index, participants, received, info):
+        now = time.perf_counter()
+        history["round"].append(round_index)
+        history["mean"].append(np.asarray(info.mean))
+        history["sd"].append(np.asarray(info.sd))
+        history["mean_change"].append(float(info.mean_change))
+        history["sd_change"].append(float(info.sd_change))
+        history["applied_scale"].append(float(info.applied_scale))
+        history["received"].append(int(received))
+        history["participants"].append(int(participants))
+        history["seconds"].append(now - clock[0])
+        clock[0] = now
+        change = max(float(info.mean_change), float(info.sd_change))
+        below[0] = below[0] + 1 if change < tol else 0
+        if below[0] >= PATIENCE and converged_at[0] is None:
+            converged_at[0] = round_index + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(change=f"{change:.3g}", received=f"{received}/{len(client_ids)}",
+                            mean=np.array2string(np.asarray(info.mean), precision=2))
+        return below[0] >= PATIENCE
+
+    if settings.schedule == "synchronous":
+        def on_round_hook(rec, server_state, client_states):
+            record(rec.round, rec.participants, rec.received, rec.server_info)
+            if on_round is not None:
+                on_round(rec, server_state, client_states)
+
+        result = simulate(algorithm, key, client_data, client_ids=client_ids,
+                          num_rounds=settings.num_rounds, participation=settings.participation,
+                          dropout=settings.dropout, corrupt=corrupt, state=state,
+                          start_round=start_round,
+                          converged=lambda info: below[0] >= PATIENCE,
+                          on_round=on_round_hook, progress=False)
+        if bar is not None:
+            bar.close()
+        return EPRun(result.server_state, result.client_states, result.personal,
+                     result.rounds, result.skips, history, converged_at[0])
+
+    # sequential schedule: the same pure functions, one client after another
+    init_key, run_key, final_key = jax.random.split(key, 3)
+    num_clients = len(client_ids)
+    if state is None:
+        server_state, client_states = algorithm.init(init_key, client_data)
+    else:
+        server_state, client_states = state
+    sweep = jax.jit(lambda k, s, c, w: _sequential_round(algorithm, None, k, s, c,
+                                                         client_data, w))
+    skips: list[SkipRecord] = []
+    rounds = []
+    for round_index in range(start_round, settings.num_rounds):
+        round_key = jax.random.fold_in(run_key, round_index)
+        pick_key, drop_key, sweep_key = jax.random.split(round_key, 3)
+        asked = np.array(jax.random.uniform(pick_key, (num_clients,)) < settings.participation)
+        if settings.participation >= 1.0:
+            asked[:] = True
+        dropped = asked & np.array(jax.random.uniform(drop_key, (num_clients,))
+                                   < settings.dropout)
+        working = asked & ~dropped
+        for i in np.flatnonzero(dropped):
+            skips.append(SkipRecord(round_index, client_ids[i], "dropped out"))
+        before = algorithm.broadcast(server_state)
+        server_state, client_states, index, invalid, applied = sweep(
+            sweep_key, server_state, client_states, jnp.asarray(working))
+        for i in np.asarray(index)[np.asarray(invalid)]:
+            skips.append(SkipRecord(round_index, client_ids[int(i)],
+                                    "message failed the algorithm's validity check"))
+        old_mean, old_cov = _moments(before.precision, before.shift)
+        mean, cov = _moments(server_state.precision, server_state.shift)
+        old_sd, sd = jnp.sqrt(jnp.diag(old_cov)), jnp.sqrt(jnp.diag(cov))
+        info = EPServerInfo(mean, sd, jnp.max(jnp.abs(mean - old_mean) / sd),
+                            jnp.max(jnp.abs(jnp.log(sd / old_sd))), jnp.min(applied),
+                            int(working.sum() - np.asarray(invalid).sum()))
+        from ..protocol import RoundRecord
+        rec = RoundRecord(round_index, int(working.sum()), int(info.received), info)
+        rounds.append(rec)
+        stop = record(round_index, rec.participants, rec.received, info)
+        if on_round is not None:
+            on_round(rec, server_state, client_states)
+        if stop:
+            break
+    if bar is not None:
+        bar.close()
+    bc = algorithm.broadcast(server_state)
+    final_keys = jax.random.split(final_key, num_clients)
+    personal = jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0))(
+        final_keys, bc, client_states, client_data)
+    return EPRun(server_state, client_states, personal, rounds, skips, history,
+                 converged_at[0])
+
+
+def fit_ep(model, data: ClientData, *, seed: int = 0, progress: bool = False,
+           corrupt: Callable | None = None, state=None, start_round: int = 0,
+           on_round: Callable | None = None, **options) -> Fit:
+    """Federated EP: ``hf.fit(model, data, method="ep", **options)``.
+
+    Parameters
+    ----------
+    model : callable or ConjugateFamily
+        NumPyro model with one client plate (a family's ``.model`` is used for a family).
+    data : ClientData
+    seed : int
+    progress : bool
+        Progress bar over rounds (site change, received messages, global means).
+    corrupt : callable, optional
+        Fault injector ``corrupt(round, messages) -> messages`` (tests, benchmarks).
+    state, start_round : optional
+        Resume from ``fit.diagnostics["state"]`` of an earlier fit (a checkpoint).
+    on_round : callable, optional
+        ``on_round(record, server_state, client_states)`` after every round.
+    **options
+        Fields of :class:`EPSettings`.
+
+    Returns
+    -------
+    Fit
+        Global draws from the final Gaussian (through the constraining transforms), personal
+        draws from each client's final tilted inference; ``diagnostics`` holds ``history``
+        (per round: global means and sds of the unconstrained ``phi``, changes, back-off,
+        messages received, seconds), ``skips``, ``rounds``, ``converged_round``, ``state``
+        (a checkpoint) and ``bytes_per_message``.
+    """
+    from ..families import ConjugateFamily
+
+    dims, coords = {}, {}
+    if isinstance(model, ConjugateFamily):
+        model.check_data(data)
+        dims, coords = model.dims(), model.coords()
+        model = model.model
+    settings = _options(options)
+    sites, problem, client_data, algorithm = prepare(model, data, settings)
+    key = jax.random.PRNGKey(seed)
+    start = time.perf_counter()
+    run = run_ep(algorithm, key, client_data, data.client_ids, settings, corrupt=corrupt,
+                 state=state, start_round=start_round, on_round=on_round, progress=progress)
+    personal = jax.tree_util.tree_map(np.asarray, run.personal)
+    num_draws = settings.num_samples
+    global_samples = {name: personal[name][0][None] for name in sites.global_sites
+                      if name in personal}
+    client_samples = {}
+    for name in sites.client_sites:
+        if name not in personal:
+            continue
+        value = personal[name]  # [N, S, 1, ...]
+        client_samples[name] = np.moveaxis(value[:, :, 0], 0, 1)[None]  # [1, S, N, ...]
+    summaries = {k: (v[0].mean(axis=0), v[0].std(axis=0)) for k, v in client_samples.items()}
+    d = problem.phi_dim
+    message_bytes = 4 * (d * d + d)
+    diagnostics = {
+        "tilted": settings.tilted, "schedule": settings.schedule, "settings": settings,
+        "rounds": len(run.rounds), "converged_round": run.converged_round,
+        "history": run.history, "skips": run.skips, "round_records": run.rounds,
+        "state": (run.server_state, run.client_states), "next_round": start_round
+        + len(run.rounds), "bytes_per_message": message_bytes,
+        "global_latent": problem.global_latent, "phi_dim": d, "num_draws": num_draws,
+        "run_seconds": time.perf_counter() - start,
+    }
+    return Fit("ep", model, data, global_samples, StoredClientSamples(client_samples), sites,
+               personal=summaries, diagnostics=diagnostics, dims=dims, coords=coords, seed=seed)
+
+
+from ..api import METHODS  # noqa: E402  (api imports this module at its end)
+
+METHODS["ep"] = fit_ep
