@@ -59,10 +59,9 @@ def x64():
 
 def collapsed_model(family: ConjugateFamily):
     """The server's model: priors on ``phi`` and the clients' exact collapsed likelihood."""
-    def model(stats, received):
+    def model(server_stats):
         phi = family.sample_globals()
-        terms = jax.vmap(family.log_marginal, in_axes=(None, 0))(phi, stats)
-        numpyro.factor("collapsed_log_likelihood", jnp.sum(jnp.where(received, terms, 0.0)))
+        numpyro.factor("collapsed_log_likelihood", family.total_log_marginal(phi, server_stats))
     return model
 
 
@@ -122,7 +121,8 @@ def exact_algorithm(family: ConjugateFamily, *, server: str = "auto",
         # therefore works in float64 (the clients' statistics are promoted on arrival).
         with x64():
             messages = jax.tree_util.tree_map(lambda m: jnp.asarray(m, jnp.float64), messages)
-            draws, diagnostics = infer(key, model, (messages, jnp.asarray(received)), settings)
+            server_stats = family.server_statistics(messages, jnp.asarray(received))
+            draws, diagnostics = infer(key, model, (server_stats,), settings)
         float_type = jnp.result_type(float)
         flat = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:]), float_type)
                 for k, v in draws.items()}

@@ -259,7 +259,8 @@ def laplace_globals(key, model, model_args: tuple, settings: GlobalsSettings,
         return problem.potential(unravel(x))
 
     total = settings.num_chains * settings.num_samples
-    num_clients = max(1, int(np.size(jax.tree_util.tree_leaves(model_args)[-1])))
+    num_clients = max(1, max(int(np.shape(leaf)[0]) if np.ndim(leaf) else 1
+                             for leaf in jax.tree_util.tree_leaves(model_args)))
     num_proposals = settings.importance_draws or int(np.clip(
         IMPORTANCE_BUDGET // num_clients, min(MIN_IMPORTANCE_DRAWS, total), total))
 
