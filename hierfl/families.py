@@ -308,18 +308,18 @@ class LinearMixed(ConjugateFamily):
             coords["effect"] = self.effect_names
         return coords
 
-    def _design(self, fields):
-        """Fixed and random design matrices from per-row fields (leading axes kept)."""
-        y = fields[self.observed]
-        ones = [jnp.ones_like(y)]
+    def _design(self, fields, rows):
+        """Fixed and random design matrices from per-row fields; ``rows`` is any per-row array
+        (it sets the intercept column's shape, so the response is not needed to predict)."""
+        ones = [jnp.ones(jnp.shape(rows), dtype=jnp.result_type(float))]
         x = jnp.stack((ones if self.intercept else []) + [fields[f] for f in self.fixed], -1)
         z = jnp.stack((ones if self.random_intercept else []) + [fields[f] for f in self.random],
                       -1)
         return x, z
 
     def statistics(self, fields, mask):
-        x, z = self._design(fields)
         y = fields[self.observed]
+        x, z = self._design(fields, y)
         m = mask.astype(y.dtype)
         xm, zm, ym = x * m[:, None], z * m[:, None], y * m
         return {"n": jnp.sum(m), "yy": jnp.sum(ym * y), "xy": xm.T @ y, "xx": xm.T @ x,
@@ -409,7 +409,7 @@ class LinearMixed(ConjugateFamily):
 
     def mean(self, phi, theta, data: ModelData):
         """Linear predictor of every observation."""
-        x, z = self._design(data.fields)
+        x, z = self._design(data.fields, data.client)
         b = theta[data.client]
         if self.num_effects == 1:
             b = b[..., None]
