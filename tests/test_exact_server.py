@@ -42,4 +42,4 @@ def test_newton_mode_and_hessian_on_a_quadratic():
     np.testing.assert_allclose(np.asarray(mode), np.linalg.solve(a, b), atol=1e-5)
     np.testing.assert_allclose(np.asarray(hessian), a, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(hess), a, rtol=1e-6)
-    assert float(decrement) < 1e-10 and float(jnp.max(jnp.abs(grad))) < 1e-8
+    assert float(decrement) < 1e-10 and np.max(np.abs(np.asarray(grad))) < 1e-5
