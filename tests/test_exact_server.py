@@ -43,3 +43,28 @@ def test_newton_mode_and_hessian_on_a_quadratic():
     np.testing.assert_allclose(np.asarray(hessian), a, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(hess), a, rtol=1e-6)
     assert float(decrement) < 1e-10 and np.max(np.abs(np.asarray(grad))) < 1e-5
+
+
+@pytest.mark.parametrize("server", ["nuts", "laplace"])
+def test_second_fit_of_a_family_does_not_recompile_the_server(server):
+    from hierfl.engines import globals_inference
+
+    family = synthetic_lmm.family()
+    options = dict(num_warmup=50, num_samples=50, num_chains=1, server=server)
+    first, _ = synthetic_lmm.generate(30, seed=1)
+    second, _ = synthetic_lmm.generate(30, seed=2)
+    hf.fit(family, first, **options)
+    program = (globals_inference._nuts_chain_program if server == "nuts"
+               else globals_inference._laplace_programs)
+    before = program.cache_info()
+    hf.fit(family, second, **options)
+    after = program.cache_info()
+    assert after.hits == before.hits + 1 and after.misses == before.misses
+    jitted = (program(exact_model(family), 50, 50, 0.9, True) if server == "nuts"
+              else program(exact_model(family), 10, 50, 16)[0])
+    assert jitted._cache_size() == 1
+
+
+def exact_model(family):
+    from hierfl.engines.exact import collapsed_model
+    return collapsed_model(family)

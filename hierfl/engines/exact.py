@@ -16,6 +16,7 @@ What the server sees: each client's statistics (e.g. for a linear mixed model ``
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -57,8 +58,13 @@ def x64():
     return enable_x64()
 
 
+@functools.lru_cache(maxsize=64)
 def collapsed_model(family: ConjugateFamily):
-    """The server's model: priors on ``phi`` and the clients' exact collapsed likelihood."""
+    """The server's model: priors on ``phi`` and the clients' exact collapsed likelihood.
+
+    One function object per family, so the server's compiled programs are reused by every fit
+    of that family.
+    """
     def model(server_stats):
         phi = family.sample_globals()
         numpyro.factor("collapsed_log_likelihood", family.total_log_marginal(phi, server_stats))

@@ -16,6 +16,7 @@ Both return draws of every sample and deterministic site of the model, shaped
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, NamedTuple
 
@@ -62,11 +63,12 @@ class GlobalsSettings(NamedTuple):
 
 
 class Unconstrained(NamedTuple):
-    """A model over ``phi`` in the unconstrained space."""
+    """A model over ``phi`` in the unconstrained space; ``args`` are the model's arguments,
+    passed at call time so that compiled programs are reused across data."""
 
     z0: dict[str, Any]
-    potential: Any
-    postprocess: Any
+    potential: Any  # (z, args) -> scalar
+    postprocess: Any  # (z, args) -> {site: constrained value}, deterministic sites included
 
 
 def unconstrained(model, model_args: tuple) -> Unconstrained:
@@ -91,13 +93,40 @@ def unconstrained(model, model_args: tuple) -> Unconstrained:
     jax.eval_shape(probe)
     z0 = {name: jnp.zeros(shape) for name, shape in shapes.items()}
 
-    def potential(z):
-        return potential_energy(model, model_args, {}, z)
+    def potential(z, args):
+        return potential_energy(model, args, {}, z)
 
-    def postprocess(z):
-        return constrain_fn(model, model_args, {}, z, return_deterministic=True)
+    def postprocess(z, args):
+        return constrain_fn(model, args, {}, z, return_deterministic=True)
 
     return Unconstrained(z0, potential, postprocess)
+
+
+@functools.lru_cache(maxsize=64)
+def _nuts_chain_program(model, warmup: int, samples: int, target_accept: float, dense: bool):
+    """One NUTS chain (warmup and sampling in one scan), compiled once per model and
+    settings; the model's arguments are dynamic, so a new fit of the same model reuses it."""
+    from numpyro.infer.hmc import hmc
+
+    @jax.jit
+    def chain(key, z0, args):
+        problem = unconstrained(model, args)
+        init_kernel, sample_kernel = hmc(lambda z: problem.potential(z, args), algo="NUTS")
+        start_key, jitter_key = jax.random.split(key)
+        flat, unravel = ravel_pytree(z0)
+        z0 = unravel(flat + jax.random.uniform(jitter_key, flat.shape, minval=-0.5, maxval=0.5))
+        state = init_kernel(z0, num_warmup=warmup, target_accept_prob=target_accept,
+                            dense_mass=dense, rng_key=start_key)
+
+        def body(state, _):
+            state = sample_kernel(state)
+            return state, (state.z, state.diverging)
+
+        _, (zs, diverging) = jax.lax.scan(body, state, None, length=warmup + samples)
+        zs = jax.tree_util.tree_map(lambda v: v[warmup:], zs)
+        return jax.vmap(lambda z: problem.postprocess(z, args))(zs), diverging[warmup:]
+
+    return chain
 
 
 def nuts_globals(key, model, model_args: tuple, settings: GlobalsSettings):
@@ -107,34 +136,20 @@ def nuts_globals(key, model, model_args: tuple, settings: GlobalsSettings):
     in one ``lax.scan``, compiled once for one chain; the chains then run one after another
     with the same executable. For a low-dimensional ``phi`` the compile dominates, so this is
     several times faster end to end than ``MCMC`` with sequential chains, which compiles each
-    phase of each chain.
+    phase of each chain. The program is cached per model and settings: a second fit of the
+    same model (on any data of the same shapes) does not recompile.
     """
     from numpyro.diagnostics import summary
-    from numpyro.infer.hmc import hmc
 
     problem = unconstrained(model, model_args)
-    potential, postprocess = problem.potential, problem.postprocess
-    init_kernel, sample_kernel = hmc(potential, algo="NUTS")
     dense = ravel_pytree(problem.z0)[0].shape[0] <= DENSE_MASS_UP_TO
-    warmup, samples = settings.num_warmup, settings.num_samples
-
-    @jax.jit
-    def chain(key, z0):
-        start_key, jitter_key = jax.random.split(key)
-        flat, unravel = ravel_pytree(z0)
-        z0 = unravel(flat + jax.random.uniform(jitter_key, flat.shape, minval=-0.5, maxval=0.5))
-        state = init_kernel(z0, num_warmup=warmup, target_accept_prob=settings.target_accept,
-                            dense_mass=dense, rng_key=start_key)
-
-        def body(state, _):
-            state = sample_kernel(state)
-            return state, (state.z, state.diverging)
-
-        _, (zs, diverging) = jax.lax.scan(body, state, None, length=warmup + samples)
-        zs = jax.tree_util.tree_map(lambda v: v[warmup:], zs)
-        return jax.vmap(postprocess)(zs), diverging[warmup:]
-
-    runs = [chain(k, problem.z0) for k in jax.random.split(key, settings.num_chains)]
+    chain = _nuts_chain_program(model, settings.num_warmup, settings.num_samples,
+                                settings.target_accept, dense)
+    keys = jax.random.split(key, settings.num_chains)
+    if settings.progress:
+        from tqdm.auto import tqdm
+        keys = tqdm(keys, desc="server NUTS chains")
+    runs = [chain(k, problem.z0, model_args) for k in keys]
     draws = {k: np.stack([np.asarray(r[0][k]) for r in runs]) for k in runs[0][0]}
     diverging = np.stack([np.asarray(r[1]) for r in runs])
     stats = summary(draws, group_by_chain=True)
@@ -239,6 +254,44 @@ def _student_t_draws(key, loc, scale_tril, df: int, num: int):
     return loc + (eps @ scale_tril.T) * jnp.sqrt(df / chi2)[:, None]
 
 
+@functools.lru_cache(maxsize=64)
+def _laplace_programs(model, df: int, num_proposals: int, batch_size: int):
+    """The Laplace path's two programs, compiled once per model and settings: mode, proposal
+    and importance log weights; and the constraining map of the chosen draws."""
+
+    def flat_problem(x0, args):
+        problem = unconstrained(model, args)
+        _, unravel = ravel_pytree(problem.z0)
+        return problem, unravel
+
+    @jax.jit
+    def approximate(key, x0, args):
+        problem, unravel = flat_problem(x0, args)
+
+        def flat_potential(x):
+            return problem.potential(unravel(x), args)
+
+        mode, h, decrement, iterations = newton_mode(flat_potential, x0)
+        precision_chol = jnp.linalg.cholesky(h)
+        eye = jnp.eye(mode.shape[0], dtype=mode.dtype)
+        # covariance H^-1 = L^-T L^-1; its lower Cholesky factor by re-factorization
+        inverse_chol = jax.scipy.linalg.solve_triangular(precision_chol, eye, lower=True)
+        scale_tril = jnp.linalg.cholesky(inverse_chol.T @ inverse_chol)
+        proposal = dist.MultivariateStudentT(df, mode, scale_tril)
+        z = _student_t_draws(key, mode, scale_tril, df, num_proposals)
+        potentials = jax.lax.map(flat_potential, z, batch_size=batch_size)
+        log_w = -potentials - proposal.log_prob(z)
+        ok = jnp.all(jnp.isfinite(precision_chol)) & jnp.all(jnp.isfinite(scale_tril))
+        return z, log_w, ok, decrement, iterations
+
+    @jax.jit
+    def constrain(z, args):
+        problem, unravel = flat_problem(z[0], args)
+        return jax.vmap(lambda x: problem.postprocess(unravel(x), args))(z)
+
+    return approximate, constrain
+
+
 def laplace_globals(key, model, model_args: tuple, settings: GlobalsSettings,
                     batch_size: int = 16):
     """Draw ``phi`` from a PSIS-corrected Laplace approximation; returns ``(draws, diagnostics)``.
@@ -253,34 +306,15 @@ def laplace_globals(key, model, model_args: tuple, settings: GlobalsSettings,
     """
     proposal_key, resample_key = jax.random.split(key)
     problem = unconstrained(model, model_args)
-    flat0, unravel = ravel_pytree(problem.z0)
-
-    def flat_potential(x):
-        return problem.potential(unravel(x))
-
+    flat0, _ = ravel_pytree(problem.z0)
     total = settings.num_chains * settings.num_samples
     num_clients = max(1, max(int(np.shape(leaf)[0]) if np.ndim(leaf) else 1
                              for leaf in jax.tree_util.tree_leaves(model_args)))
     num_proposals = settings.importance_draws or int(np.clip(
         IMPORTANCE_BUDGET // num_clients, min(MIN_IMPORTANCE_DRAWS, total), total))
-
-    @jax.jit
-    def approximate(key, x0):
-        """Mode, Student-t proposal around it, and importance log weights, in one program."""
-        mode, h, decrement, iterations = newton_mode(flat_potential, x0)
-        precision_chol = jnp.linalg.cholesky(h)
-        eye = jnp.eye(mode.shape[0], dtype=mode.dtype)
-        # covariance H^-1 = L^-T L^-1; its lower Cholesky factor via a QR-free re-factorization
-        inverse_chol = jax.scipy.linalg.solve_triangular(precision_chol, eye, lower=True)
-        scale_tril = jnp.linalg.cholesky(inverse_chol.T @ inverse_chol)
-        proposal = dist.MultivariateStudentT(settings.proposal_df, mode, scale_tril)
-        z = _student_t_draws(key, mode, scale_tril, settings.proposal_df, num_proposals)
-        potentials = jax.lax.map(flat_potential, z, batch_size=batch_size)
-        log_w = -potentials - proposal.log_prob(z)
-        ok = jnp.all(jnp.isfinite(precision_chol)) & jnp.all(jnp.isfinite(scale_tril))
-        return z, log_w, ok, decrement, iterations
-
-    z, log_w, ok, decrement, iterations = approximate(proposal_key, flat0)
+    approximate, constrain = _laplace_programs(model, settings.proposal_df, num_proposals,
+                                               batch_size)
+    z, log_w, ok, decrement, iterations = approximate(proposal_key, flat0, model_args)
     if not bool(ok):
         raise FloatingPointError("Laplace approximation failed: the Hessian of the collapsed "
                                  "posterior is not positive definite at the mode; use "
@@ -294,7 +328,7 @@ def laplace_globals(key, model, model_args: tuple, settings: GlobalsSettings,
     # systematic resampling: equally weighted draws for every downstream consumer
     u = (np.asarray(jax.random.uniform(resample_key, ())) + np.arange(total)) / total
     index = np.minimum(np.searchsorted(np.cumsum(weights), u), num_proposals - 1)
-    chosen = jax.jit(jax.vmap(lambda x: problem.postprocess(unravel(x))))(z[index])
+    chosen = constrain(z[index], model_args)
     draws = {k: np.asarray(v).reshape((settings.num_chains, settings.num_samples)
                                       + np.shape(v)[1:]) for k, v in chosen.items()}
     if k_hat > 0.7:
