@@ -350,8 +350,9 @@ class Fit:
         if by != "client":
             raise ValueError("by must be 'client' or 'obs'")
         ll = idata.log_likelihood
-        summed = {name: ll[name].groupby("obs_client").sum().rename(obs_client=CLIENT_DIM)
-                  for name in ll.data_vars}
+        order = list(self.client_ids)
+        summed = {name: ll[name].groupby("obs_client").sum().sel(obs_client=order)
+                  .rename(obs_client=CLIENT_DIM) for name in ll.data_vars}
         total = sum(summed.values())
         per_client = idata.copy()
         per_client.log_likelihood = total.to_dataset(name="client_log_likelihood")
