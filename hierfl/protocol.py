@@ -16,9 +16,11 @@ the spirit of BlackJAX's ``(init, step)`` and FedJAX's ``federated_algorithm``:
     every other row.
 ``client_finalize(key, broadcast, client_state, client_data) -> personal``
     The client's personal posterior against the final global state; it stays on the client.
-``validate_message(message) -> ok``
+``validate_message(message) -> ok`` or ``validate_message(message, broadcast) -> ok``
     Algorithm-specific check of one message (e.g. positive definiteness), returning a
-    boolean scalar. Finiteness and shapes are checked by the driver for every algorithm.
+    boolean scalar; a check with two parameters also gets this round's broadcast (e.g. the
+    global approximation the message must keep positive definite). Finiteness and shapes
+    are checked by the driver for every algorithm.
 
 Two drivers run these functions: :func:`simulate` (in-process, vectorized, with partial
 participation and dropout) and the Flower adapter.
@@ -26,6 +28,7 @@ participation and dropout) and the Flower adapter.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -91,7 +94,18 @@ def message_schema(message: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
             for path, leaf in leaves}
 
 
-def validate_messages(messages: PyTree, schema: dict, check: Callable | None = None):
+def _takes_broadcast(check: Callable) -> bool:
+    """Whether an algorithm's ``validate_message`` takes the broadcast as a second argument."""
+    try:
+        parameters = inspect.signature(check).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2
+
+
+def validate_messages(messages: PyTree, schema: dict, check: Callable | None = None,
+                      broadcast: PyTree = None):
     """Check stacked messages row by row.
 
     Parameters
@@ -100,7 +114,10 @@ def validate_messages(messages: PyTree, schema: dict, check: Callable | None = N
     schema : dict
         Expected per-client schema from :func:`message_schema`.
     check : callable, optional
-        Algorithm-specific per-message check returning a boolean scalar.
+        Algorithm-specific per-message check returning a boolean scalar; called as
+        ``check(message, broadcast)`` when it takes two parameters.
+    broadcast : pytree, optional
+        This round's broadcast, for checks that need it.
 
     Returns
     -------
@@ -128,15 +145,20 @@ def validate_messages(messages: PyTree, schema: dict, check: Callable | None = N
             reasons[i] = f"non-finite values in message field {name}"
         ok &= finite
     if check is not None:
-        valid = np.asarray(jax.vmap(check)(messages), dtype=bool)
+        if _takes_broadcast(check):
+            valid = np.asarray(jax.vmap(check, in_axes=(0, None))(messages, broadcast),
+                               dtype=bool)
+        else:
+            valid = np.asarray(jax.vmap(check)(messages), dtype=bool)
         for i in np.flatnonzero(ok & ~valid):
             reasons[i] = "message failed the algorithm's validity check"
         ok &= valid
     return ok, reasons
 
 
+@jax.jit
 def _select(mask, new, old):
-    """Row-wise choice between two client-stacked pytrees."""
+    """Row-wise choice between two client-stacked pytrees (one compiled program)."""
     def choose(a, b):
         m = mask.reshape(mask.shape + (1,) * (jnp.ndim(a) - 1))
         return jnp.where(m, a, b)
@@ -226,11 +248,12 @@ def simulate(
             messages = corrupt(round_index, messages)
         if schema is None:
             schema = message_schema(jax.tree_util.tree_map(lambda x: x[0], messages))
-        ok, reasons = validate_messages(messages, schema, algorithm.validate_message)
+        ok, reasons = validate_messages(messages, schema, algorithm.validate_message, broadcast)
         for i in np.flatnonzero(working & ~ok):
             skips.append(SkipRecord(round_index, client_ids[i], reasons[i]))
         received = working & ok
-        client_states = _select(jnp.asarray(received), new_states, client_states)
+        client_states = new_states if received.all() else _select(
+            jnp.asarray(received), new_states, client_states)
         server_state, server_info = algorithm.server_update(
             server_key, server_state, messages, jnp.asarray(received))
         record = RoundRecord(round_index, int(working.sum()), int(received.sum()), server_info)
