@@ -148,3 +148,18 @@ def _fit_nuts(model, data: ClientData, *, seed: int, progress: bool, **options) 
 
 METHODS["exact"] = _fit_exact
 METHODS["nuts"] = _fit_nuts
+
+
+def _fit_svi(model, data: ClientData, *, seed: int, progress: bool, **options):
+    """``method="svi"``: federated VI for neural models (:mod:`hierfl.neural`, the ``neural``
+    extra), imported only when called."""
+    try:
+        from .neural import fit_svi
+    except ImportError as error:
+        raise ImportError("method='svi' needs the neural extra (Flax and Optax): "
+                          "pip install 'hierfl[neural]'") from error
+    return fit_svi(model, data, seed=seed, progress=progress, **options)
+
+
+METHODS["svi"] = _fit_svi
+from .engines import ep as _ep  # noqa: E402,F401  (registers METHODS["ep"])

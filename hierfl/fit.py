@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 from numpyro.infer import Predictive
@@ -331,8 +330,12 @@ class Fit:
         sample_stats = self.diagnostics.get("sample_stats")
         if sample_stats:
             groups["sample_stats"] = sample_stats
-        idata = az.from_dict(**groups, coords=coords, dims=dims,
-                             attrs={"inference_library": "hierfl", "method": self.method})
+        idata = az.from_dict(**groups, coords=coords, dims=dims)
+        from . import __version__
+        for group in idata.groups():
+            getattr(idata, group).attrs.update(inference_library="hierfl",
+                                               inference_library_version=__version__,
+                                               method=self.method)
         obs_client = np.asarray(ids)[np.asarray(batch.client)]
         for group in ("observed_data", "log_likelihood", "posterior_predictive"):
             if group in idata.groups():

@@ -84,6 +84,9 @@ _NEEDED = {"real": (-np.inf, np.inf), "positive": (0.0, np.inf), "unit": (0.0, 1
 
 
 def _check_support(name: str, support_name: str, prior) -> None:
+    if prior.support.is_discrete:
+        raise PriorError(f"prior for {name!r} is discrete ({type(prior).__name__}, support "
+                         f"{prior.support}) but {name!r} is a continuous parameter")
     bounds = _bounds(prior.support)
     needed = _NEEDED[support_name]
     if bounds is None or bounds[0] < needed[0] or bounds[1] > needed[1]:
@@ -110,6 +113,24 @@ def _shaped(name: str, prior, shape: tuple[int, ...]):
                      f"{shape}")
 
 
+def _fixed_value(parameter: Parameter, prior) -> np.ndarray:
+    """A fixed value as an array of the parameter's shape, or a PriorError naming it."""
+    name = parameter.name
+    if isinstance(prior, type) and issubclass(prior, dist.Distribution):
+        raise PriorError(f"prior for {name!r}: got the class {prior.__name__}, not a "
+                         f"distribution; call it with its parameters, e.g. {prior.__name__}(...)")
+    try:
+        value = np.asarray(prior, dtype=float)
+    except (TypeError, ValueError):
+        raise PriorError(f"prior for {name!r} must be a NumPyro distribution or a number, got "
+                         f"{prior!r}") from None
+    try:
+        return np.broadcast_to(value, parameter.shape)
+    except ValueError:
+        raise PriorError(f"fixed value of {name!r} has shape {value.shape}, parameter has "
+                         f"shape {parameter.shape}") from None
+
+
 def resolve_priors(parameters: tuple[Parameter, ...], defaults: Mapping[str, Any],
                    user: Mapping[str, Any] | None) -> tuple[ResolvedPrior, ...]:
     """Combine a family's defaults with the user's priors and check them.
@@ -120,6 +141,9 @@ def resolve_priors(parameters: tuple[Parameter, ...], defaults: Mapping[str, Any
         Unknown parameter names, a support that does not match, shapes that do not fit, a
         fixed value out of the support, or two priors for one parameter.
     """
+    if user is not None and not isinstance(user, Mapping):
+        raise PriorError(f"priors must be a dict {{parameter: distribution or value}}, got "
+                         f"{type(user).__name__}")
     user = dict(user or {})
     by_name = {p.name: p for p in parameters}
     for key in user:
@@ -150,7 +174,7 @@ def resolve_priors(parameters: tuple[Parameter, ...], defaults: Mapping[str, Any
             resolved.append(ResolvedPrior(p, p.name, _shaped(p.name, prior, p.shape), None,
                                           False))
             continue
-        value = np.broadcast_to(np.asarray(prior, dtype=float), p.shape)
+        value = _fixed_value(p, prior)
         lower, upper = _NEEDED[p.support]
         if not np.all(np.isfinite(value)):
             raise PriorError(f"fixed value of {p.name!r} must be finite, got {prior!r}")

@@ -41,6 +41,7 @@ __all__ = [
     "RoundRecord",
     "SimulationResult",
     "SkipRecord",
+    "algorithm_schema",
     "message_schema",
     "simulate",
     "validate_messages",
@@ -88,10 +89,21 @@ class SimulationResult(NamedTuple):
 
 
 def message_schema(message: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shapes and dtypes of a single client's message, keyed by tree path."""
+    """Shapes and dtypes of a single client's message (arrays or ``ShapeDtypeStruct``s),
+    keyed by tree path."""
     leaves = jax.tree_util.tree_leaves_with_path(message)
-    return {jax.tree_util.keystr(path): (tuple(np.shape(leaf)), str(jnp.asarray(leaf).dtype))
+    return {jax.tree_util.keystr(path): (tuple(np.shape(leaf)), str(np.dtype(leaf.dtype)))
             for path, leaf in leaves}
+
+
+def algorithm_schema(algorithm: FederatedAlgorithm, key, broadcast, client_state,
+                     client_data) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The message schema the algorithm declares: the shapes ``client_update`` returns for one
+    client, found by ``jax.eval_shape`` (nothing runs), so a malformed first round is
+    rejected instead of defining the schema."""
+    first = jax.tree_util.tree_map(lambda x: x[0], (client_state, client_data))
+    shapes = jax.eval_shape(algorithm.client_update, key, broadcast, *first)
+    return message_schema(shapes[1])
 
 
 def _takes_broadcast(check: Callable) -> bool:
@@ -247,7 +259,7 @@ def simulate(
         if corrupt is not None:
             messages = corrupt(round_index, messages)
         if schema is None:
-            schema = message_schema(jax.tree_util.tree_map(lambda x: x[0], messages))
+            schema = algorithm_schema(algorithm, keys[0], broadcast, client_states, client_data)
         ok, reasons = validate_messages(messages, schema, algorithm.validate_message, broadcast)
         for i in np.flatnonzero(working & ~ok):
             skips.append(SkipRecord(round_index, client_ids[i], reasons[i]))

@@ -1,3 +1,3 @@
 """The hierfl model zoo: one module per model, each with its bundled data and pooling spectrum."""
 
-__all__ = ["eight_schools", "radon"]
+__all__ = ["eight_schools", "radon", "mnist_heads", "cbpp", "hospitals"]

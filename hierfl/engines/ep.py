@@ -114,7 +114,9 @@ __all__ = [
 ]
 
 #: prior sd of every unconstrained global parameter in the *initial* global approximation
-INITIAL_SCALE = 3.0
+INITIAL_SCALE = 1.0
+#: scale of the per-client random start of the tilted optimizers and samplers
+INITIAL_JITTER = 0.05
 #: server back-off: fractions 1, 1/2, ..., 2^-(BACKOFF_STEPS-1) of the summed change, then 0
 BACKOFF_STEPS = 8
 #: client back-off: fractions of its own site removed to form the cavity (then 0)
@@ -128,6 +130,14 @@ SYMMETRY_TOLERANCE = 1e-3
 LINE_SEARCH = 2.0 ** -np.arange(12)
 #: eigenvalue floor (relative) that makes a Newton direction a descent direction
 EIGEN_FLOOR = 1e-6
+#: a NUTS tilted run with more divergent transitions than this fraction sends no update
+MAX_DIVERGENT_FRACTION = 0.1
+#: a NUTS run whose draws' potential energies spread over more than this (plus the
+#: per-dimension allowance times the dimension) has left the typical set: no update
+MAX_ENERGY_SPREAD = 100.0
+MAX_ENERGY_SPREAD_PER_DIM = 10.0
+#: ridge added to the tilted covariance of phi in the finalize regression adjustment
+REGRESSION_JITTER = 1e-6
 #: rounds in a row below ``tol`` that count as converged
 PATIENCE = 2
 #: default convergence tolerance (max change of a global mean in sds, and of log sd)
@@ -168,6 +178,9 @@ class EPSettings(NamedTuple):
         SVI tilted inference: Adam steps, learning rate, ELBO draws per step.
     moment_draws : int
         Draws from the fitted Gaussian used for the SVI moment estimate.
+    reparam : dict or None
+        :func:`numpyro.handlers.reparam` configuration for the tilted problems (default for a
+        conjugate family: its :meth:`reparam_config`, non-centred client sites).
     """
 
     tilted: str = "nuts"
@@ -186,6 +199,7 @@ class EPSettings(NamedTuple):
     svi_learning_rate: float = 0.05
     svi_particles: int = 8
     moment_draws: int = 256
+    reparam: dict | None = None
 
 
 # ---------------------------------------------------------------------------- states
@@ -275,13 +289,13 @@ class _TiltedWeights(Messenger):
             return
         frames = msg.get("cond_indep_stack") or []
         if not frames:
-            msg["scale"] = self.prior_weight if msg["scale"] is None else \
-                msg["scale"] * self.prior_weight
+            msg["scale"] = (
+                self.prior_weight if msg["scale"] is None else msg["scale"] * self.prior_weight
+            )
             return
         if not msg["is_observed"] or str(msg["name"]).endswith("_log_det"):
             return
-        row_plate = any(f.name != self.client_plate and f.size == self.num_rows
-                        for f in frames)
+        row_plate = any(f.name != self.client_plate and f.size == self.num_rows for f in frames)
         batch_shape = tuple(msg["fn"].batch_shape)
         if row_plate and batch_shape and batch_shape[0] == self.num_rows:
             mask = jnp.reshape(self.mask, (self.num_rows,) + (1,) * (len(batch_shape) - 1))
@@ -320,8 +334,14 @@ def _client_model_data(fields, num_rows: int) -> ModelData:
     return ModelData(fields, jnp.zeros(num_rows, dtype=jnp.int32), 1)
 
 
-def tilted_problem(model, sites: ModelSites, probe_fields: dict, num_rows: int,
-                   num_clients: int) -> TiltedProblem:
+def tilted_problem(
+    model,
+    sites: ModelSites,
+    probe_fields: dict,
+    num_rows: int,
+    num_clients: int,
+    reparam: dict | None = None,
+) -> TiltedProblem:
     """Build the tilted problem of ``model`` for clients padded to ``num_rows`` rows.
 
     Parameters
@@ -336,18 +356,33 @@ def tilted_problem(model, sites: ModelSites, probe_fields: dict, num_rows: int,
         Padded rows per client.
     num_clients : int
         ``N``: the prior is raised to ``1/N`` in every tilted problem.
+    reparam : dict, optional
+        :func:`numpyro.handlers.reparam` configuration applied to the model in the tilted
+        problem (e.g. non-centred client sites, which remove the funnel between a client's
+        parameters and the population scale); the reparameterized sites stay available as
+        deterministic sites under their own names.
     """
+    if reparam:
+        from numpyro import handlers
+
+        model = handlers.reparam(model, config=reparam)
     probe = _client_model_data(probe_fields, num_rows)
     z0 = unconstrained(model, (probe,)).z0
     global_latent = tuple(k for k in z0 if k in sites.global_sites)
     local_latent = tuple(k for k in z0 if k not in sites.global_sites)
-    template = {"phi": {k: z0[k] for k in global_latent},
-                "local": {k: z0[k] for k in local_latent}}
-    flat, unravel = ravel_pytree(template)
-    phi_dim = int(ravel_pytree(template["phi"])[0].shape[0])
+    phi_flat, unravel_phi = ravel_pytree({k: z0[k] for k in global_latent})
+    local_flat, unravel_local = ravel_pytree({k: z0[k] for k in local_latent})
+    phi_dim = int(phi_flat.shape[0])
+    flat = jnp.concatenate([phi_flat, local_flat])
+
+    def unravel(x):  # phi first, then the client's own sites
+        return {"phi": unravel_phi(x[:phi_dim]), "local": unravel_local(x[phi_dim:])}
+
     if phi_dim == 0:
-        raise ValueError("method='ep' needs at least one latent global site outside the client "
-                         "plate; this model has none")
+        raise ValueError(
+            "method='ep' needs at least one latent global site outside the client "
+            "plate; this model has none"
+        )
     prior_weight = 1.0 / num_clients
 
     def params_of(x):
@@ -355,18 +390,28 @@ def tilted_problem(model, sites: ModelSites, probe_fields: dict, num_rows: int,
         return {**z["phi"], **z["local"]}
 
     def potential(x, fields, mask):
-        weighted = _TiltedWeights(model, prior_weight=prior_weight, mask=mask,
-                                  num_rows=num_rows, client_plate=sites.client_plate)
-        return potential_energy(weighted, (_client_model_data(fields, num_rows),), {},
-                                params_of(x))
+        weighted = _TiltedWeights(
+            model,
+            prior_weight=prior_weight,
+            mask=mask,
+            num_rows=num_rows,
+            client_plate=sites.client_plate,
+        )
+        return potential_energy(weighted, (_client_model_data(fields, num_rows),), {}, params_of(x))
 
     def constrain(x, fields, mask):
         del mask
-        return constrain_fn(model, (_client_model_data(fields, num_rows),), {}, params_of(x),
-                            return_deterministic=True)
+        return constrain_fn(
+            model,
+            (_client_model_data(fields, num_rows),),
+            {},
+            params_of(x),
+            return_deterministic=True,
+        )
 
-    return TiltedProblem(phi_dim, int(flat.shape[0]), global_latent, local_latent, potential,
-                         constrain, unravel)
+    return TiltedProblem(
+        phi_dim, int(flat.shape[0]), global_latent, local_latent, potential, constrain, unravel
+    )
 
 
 # ---------------------------------------------------------------------------- linear algebra
@@ -429,10 +474,15 @@ def tilted_moments(phi_draws, gradients, cavity_precision, cavity_shift):
     direct_precision = _inverse(covariance)
     cross = centred.T @ gradients / phi_draws.shape[0]
     stein_precision = _symmetrize(cavity_precision @ jnp.linalg.inv(eye + cross))
-    stein_shift = cavity_shift + jnp.mean(gradients, axis=0) + \
-        (stein_precision - cavity_precision) @ mean
+    stein_shift = (
+        cavity_shift + jnp.mean(gradients, axis=0) + (stein_precision - cavity_precision) @ mean
+    )
     share = jnp.trace(cavity_precision @ covariance) / d
-    use_stein = share >= STEIN_MIN_CAVITY_SHARE
+    use_stein = (
+        (share >= STEIN_MIN_CAVITY_SHARE)
+        & _is_pd(stein_precision)
+        & jnp.all(jnp.isfinite(stein_shift))
+    )
     precision = jnp.where(use_stein, stein_precision, direct_precision)
     shift = jnp.where(use_stein, stein_shift, direct_precision @ mean)
     return precision, shift, use_stein
@@ -452,8 +502,8 @@ class TiltedResult(NamedTuple):
     used_stein: Any
 
 
-def _laplace(potential, x0, settings: EPSettings, phi_dim: int, key, num_draws: int):
-    """Damped Newton to the mode; Gaussian with the inverse Hessian there."""
+def _newton(potential, x0, num_steps: int):
+    """Damped Newton from ``x0``: eigenvalue-floored Hessian, backtracking line search."""
     steps = jnp.asarray(LINE_SEARCH, dtype=x0.dtype)
 
     def newton(x, _):
@@ -467,11 +517,16 @@ def _laplace(potential, x0, settings: EPSettings, phi_dim: int, key, num_draws: 
         values = jnp.where(jnp.isfinite(values), values, jnp.inf)
         better = values < value
         index = jnp.argmax(better)
-        x_new = jnp.where(jnp.any(better) & jnp.all(jnp.isfinite(direction)),
-                          candidates[index], x)
+        x_new = jnp.where(jnp.any(better) & jnp.all(jnp.isfinite(direction)), candidates[index], x)
         return x_new, None
 
-    mode, _ = jax.lax.scan(newton, x0, None, length=settings.newton_steps)
+    mode, _ = jax.lax.scan(newton, x0, None, length=num_steps)
+    return mode
+
+
+def _laplace(potential, x0, settings: EPSettings, phi_dim: int, key, num_draws: int):
+    """Damped Newton to the mode; Gaussian with the inverse Hessian there."""
+    mode = _newton(potential, x0, settings.newton_steps)
     hessian = _symmetrize(jax.hessian(potential)(mode))
     covariance = _inverse(hessian)
     phi_cov = covariance[:phi_dim, :phi_dim]
@@ -479,37 +534,95 @@ def _laplace(potential, x0, settings: EPSettings, phi_dim: int, key, num_draws: 
     shift = precision @ mode[:phi_dim]
     chol = jnp.linalg.cholesky(covariance)
     draws = mode + jax.random.normal(key, (num_draws, mode.shape[0]), mode.dtype) @ chol.T
-    return TiltedResult(precision, shift, draws, mode, chol, jnp.asarray(1.0, mode.dtype),
-                        jnp.asarray(0, jnp.int32), jnp.asarray(False))
+    return TiltedResult(
+        precision,
+        shift,
+        draws,
+        mode,
+        chol,
+        jnp.asarray(1.0, mode.dtype),
+        jnp.asarray(0, jnp.int32),
+        jnp.asarray(False),
+    )
 
 
-def _nuts(potential, noncavity, cavity, x0, inverse_mass, step_size, settings: EPSettings,
-          phi_dim: int, key):
+def _nuts(
+    potential,
+    noncavity,
+    cavity,
+    x0,
+    inverse_mass,
+    step_size,
+    settings: EPSettings,
+    phi_dim: int,
+    key,
+):
     from numpyro.infer.hmc import hmc
 
     init_kernel, sample_kernel = hmc(potential, algo="NUTS")
     warmup, samples = settings.num_warmup, settings.num_samples
-    state = init_kernel(x0, num_warmup=warmup, step_size=step_size,
-                        inverse_mass_matrix=inverse_mass, dense_mass=True,
-                        target_accept_prob=settings.target_accept,
-                        max_tree_depth=settings.max_tree_depth,
-                        find_heuristic_step_size=True, rng_key=key)
+    # start at the tilted mode, with the inverse Hessian there as the mass matrix: robust
+    # against a wide first cavity, and most of the warmup is then spent on fine tuning
+    mode = _newton(potential, x0, settings.newton_steps)
+    laplace_mass = _inverse(jax.hessian(potential)(mode))
+    good = jnp.all(jnp.isfinite(laplace_mass)) & jnp.all(jnp.isfinite(mode))
+    x0 = jnp.where(good, mode, x0)
+    inverse_mass = jnp.where(good, laplace_mass, inverse_mass)
+    # the metric is the Laplace one, kept fixed: NumPyro's windowed mass-matrix adaptation
+    # restarts the step size at every window, which in float32 occasionally lets a chain
+    # jump to an absurd state; only the step size is adapted (dual averaging)
+    state = init_kernel(
+        x0,
+        num_warmup=warmup,
+        step_size=step_size,
+        inverse_mass_matrix=inverse_mass,
+        dense_mass=True,
+        adapt_mass_matrix=False,
+        target_accept_prob=settings.target_accept,
+        max_tree_depth=settings.max_tree_depth,
+        rng_key=key,
+    )
 
     def body(state, _):
         state = sample_kernel(state)
-        return state, (state.z, state.diverging)
+        return state, (state.z, state.diverging, state.potential_energy)
 
-    state, (draws, diverging) = jax.lax.scan(body, state, None, length=warmup + samples)
-    draws, diverging = draws[warmup:], diverging[warmup:]
+    state, (draws, diverging, energy) = jax.lax.scan(body, state, None, length=warmup + samples)
+    draws, diverging, energy = draws[warmup:], diverging[warmup:], energy[warmup:]
     gradients = -jax.vmap(jax.grad(noncavity))(draws)[:, :phi_dim]
     precision, shift, used = tilted_moments(draws[:, :phi_dim], gradients, *cavity)
     adapt = state.adapt_state
-    return TiltedResult(precision, shift, draws, draws[-1], adapt.inverse_mass_matrix,
-                        adapt.step_size, jnp.sum(diverging).astype(jnp.int32), used)
+    divergences = jnp.sum(diverging).astype(jnp.int32)
+    spread = jnp.max(energy) - jnp.min(energy)
+    failed = (
+        (divergences > MAX_DIVERGENT_FRACTION * samples)
+        | ~jnp.isfinite(spread)
+        | (spread > MAX_ENERGY_SPREAD + MAX_ENERGY_SPREAD_PER_DIM * draws.shape[1])
+    )
+    precision = jnp.where(failed, jnp.nan, precision)  # an invalid message: skipped, recorded
+    return TiltedResult(
+        precision,
+        shift,
+        draws,
+        draws[-1],
+        adapt.inverse_mass_matrix,
+        adapt.step_size,
+        divergences,
+        used,
+    )
 
 
-def _svi(potential, noncavity, cavity, x0, scale_tril0, settings: EPSettings, phi_dim: int,
-         key, num_draws: int):
+def _svi(
+    potential,
+    noncavity,
+    cavity,
+    x0,
+    scale_tril0,
+    settings: EPSettings,
+    phi_dim: int,
+    key,
+    num_draws: int,
+):
     """Full-covariance Gaussian VI on the tilted problem (Adam, Polyak-averaged)."""
     import optax
 
@@ -537,23 +650,29 @@ def _svi(potential, noncavity, cavity, x0, scale_tril0, settings: EPSettings, ph
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         late = count >= settings.svi_steps // 2
-        weight = jnp.where(late, 1.0 / jnp.maximum(count - settings.svi_steps // 2 + 1, 1),
-                           1.0)
+        weight = jnp.where(late, 1.0 / jnp.maximum(count - settings.svi_steps // 2 + 1, 1), 1.0)
         average = jax.tree_util.tree_map(lambda a, p: a + weight * (p - a), average, params)
         return (params, opt_state, average, count + 1), None
 
     fit_key, draw_key = jax.random.split(key)
     carry = (params, optimizer.init(params), params, jnp.asarray(0))
-    (_, _, average, _), _ = jax.lax.scan(step, carry,
-                                         jax.random.split(fit_key, settings.svi_steps))
+    (_, _, average, _), _ = jax.lax.scan(step, carry, jax.random.split(fit_key, settings.svi_steps))
     loc, chol = unpack(average)
     moment_key, final_key = jax.random.split(draw_key)
     x = loc + jax.random.normal(moment_key, (settings.moment_draws, dim), loc.dtype) @ chol.T
     gradients = -jax.vmap(jax.grad(noncavity))(x)[:, :phi_dim]
     precision, shift, used = tilted_moments(x[:, :phi_dim], gradients, *cavity)
     draws = loc + jax.random.normal(final_key, (num_draws, dim), loc.dtype) @ chol.T
-    return TiltedResult(precision, shift, draws, loc, chol, jnp.asarray(1.0, loc.dtype),
-                        jnp.asarray(0, jnp.int32), used)
+    return TiltedResult(
+        precision,
+        shift,
+        draws,
+        loc,
+        chol,
+        jnp.asarray(1.0, loc.dtype),
+        jnp.asarray(0, jnp.int32),
+        used,
+    )
 
 
 # ---------------------------------------------------------------------------- the algorithm
@@ -564,12 +683,21 @@ def _commit(state: EPClientState, broadcast: EPBroadcast):
     the server applied."""
     index = jnp.clip(state.pending_step, 0, broadcast.applied_scale.shape[0] - 1)
     fraction = jnp.where(state.pending_step >= 0, broadcast.applied_scale[index], 0.0)
-    return (state.site_precision + fraction * state.pending_precision,
-            state.site_shift + fraction * state.pending_shift)
+    return (
+        state.site_precision + fraction * state.pending_precision,
+        state.site_shift + fraction * state.pending_shift,
+    )
 
 
-def ep_algorithm(problem: TiltedProblem, *, num_clients: int, settings: EPSettings = EPSettings(),
-                 max_steps: int | None = None, keep: tuple[str, ...] | None = None):
+def ep_algorithm(
+    problem: TiltedProblem,
+    *,
+    num_clients: int,
+    settings: EPSettings | None = None,
+    max_steps: int | None = None,
+    keep: tuple[str, ...] | None = None,
+    client_sites: tuple[str, ...] | None = None,
+):
     """EP as a :class:`~hierfl.protocol.FederatedAlgorithm` (see the module docstring).
 
     Parameters
@@ -583,9 +711,16 @@ def ep_algorithm(problem: TiltedProblem, *, num_clients: int, settings: EPSettin
     keep : tuple of str, optional
         Sites that ``client_finalize`` returns (default: every sample and deterministic site;
         per-row deterministic sites can be large).
+    client_sites : tuple of str, optional
+        The client's own sites; their tilted draws are paired with the global draws of
+        ``phi`` by a linear regression adjustment in the constrained space,
+        :math:`\theta_s + B(z^{glob}_s - z^{tilt}_s)`. Every other site is evaluated at the
+        global draws.
     """
     from ..protocol import FederatedAlgorithm
 
+    settings = EPSettings() if settings is None else settings
+    client_names = () if client_sites is None else tuple(client_sites)
     if settings.tilted not in ("laplace", "nuts", "svi"):
         raise ValueError(f"tilted must be 'laplace', 'nuts' or 'svi', got {settings.tilted!r}")
     d, dim = problem.phi_dim, problem.dim
@@ -597,16 +732,33 @@ def ep_algorithm(problem: TiltedProblem, *, num_clients: int, settings: EPSettin
         del client_data
         eye = jnp.eye(d)
         site = EPClientState(
-            site_precision=eye / (num_clients * INITIAL_SCALE**2), site_shift=jnp.zeros(d),
-            pending_precision=jnp.zeros((d, d)), pending_shift=jnp.zeros(d),
-            pending_step=jnp.asarray(-1, jnp.int32), position=jnp.zeros(dim),
+            site_precision=eye / (num_clients * INITIAL_SCALE**2),
+            site_shift=jnp.zeros(d),
+            pending_precision=jnp.zeros((d, d)),
+            pending_shift=jnp.zeros(d),
+            pending_step=jnp.asarray(-1, jnp.int32),
+            position=jnp.zeros(dim),
             scale=jnp.eye(dim) * (0.1 if settings.tilted == "svi" else 1.0),
-            step_size=jnp.asarray(0.1), cavity_power=jnp.asarray(1.0))
+            step_size=jnp.array(0.1, jnp.float32),
+            cavity_power=jnp.array(1.0, jnp.float32),
+        )
         clients = jax.tree_util.tree_map(
-            lambda a: jnp.broadcast_to(a, (num_clients,) + jnp.shape(a)), site)
-        server = EPServerState(eye / INITIAL_SCALE**2, jnp.zeros(d), jnp.asarray(0, jnp.int32),
-                               jnp.ones(max_steps), key)
-        return server, clients
+            lambda a: jnp.array(
+                jnp.broadcast_to(a, (num_clients,) + jnp.shape(a)), dtype=jnp.asarray(a).dtype
+            ),
+            site,
+        )
+        # start every client slightly off the origin: some likelihoods have a kink exactly at
+        # a zero linear predictor (NumPyro's binomial clamps the logits there), where the
+        # gradient is wrong
+        jitter_key, key = jax.random.split(key)
+        clients = clients._replace(
+            position=INITIAL_JITTER * jax.random.normal(jitter_key, (num_clients, dim))
+        )
+        server = EPServerState(
+            eye / INITIAL_SCALE**2, jnp.zeros(d), jnp.array(0, jnp.int32), jnp.ones(max_steps), key
+        )
+        return _strong(server), clients
 
     def broadcast(state: EPServerState) -> EPBroadcast:
         return EPBroadcast(*state)
@@ -615,8 +767,7 @@ def ep_algorithm(problem: TiltedProblem, *, num_clients: int, settings: EPSettin
         site_precision, site_shift = _commit(state, bc)
         candidates = jax.vmap(lambda p: _is_pd(bc.precision - p * site_precision))(powers)
         power = powers[jnp.argmax(candidates)]
-        cavity = (_symmetrize(bc.precision - power * site_precision),
-                  bc.shift - power * site_shift)
+        cavity = (_symmetrize(bc.precision - power * site_precision), bc.shift - power * site_shift)
         fields, mask = data["fields"], data["mask"]
 
         def noncavity(x):
@@ -629,36 +780,67 @@ def ep_algorithm(problem: TiltedProblem, *, num_clients: int, settings: EPSettin
         if settings.tilted == "laplace":
             result = _laplace(potential, state.position, settings, d, key, num_draws)
         elif settings.tilted == "nuts":
-            result = _nuts(potential, noncavity, cavity, state.position, state.scale,
-                           state.step_size, settings, d, key)
+            result = _nuts(
+                potential,
+                noncavity,
+                cavity,
+                state.position,
+                state.scale,
+                state.step_size,
+                settings,
+                d,
+                key,
+            )
         else:
-            result = _svi(potential, noncavity, cavity, state.position, state.scale, settings,
-                          d, key, num_draws)
+            result = _svi(
+                potential,
+                noncavity,
+                cavity,
+                state.position,
+                state.scale,
+                settings,
+                d,
+                key,
+                num_draws,
+            )
         return result, (site_precision, site_shift), power
 
     def client_update(key, bc: EPBroadcast, state: EPClientState, data):
-        result, (site_precision, site_shift), power = tilted(key, bc, state, data,
-                                                              settings.num_samples)
-        change = EPMessage(settings.damping * _symmetrize(result.precision - bc.precision),
-                           settings.damping * (result.shift - bc.shift))
+        result, (site_precision, site_shift), power = tilted(
+            key, bc, state, data, settings.num_samples
+        )
+        change = EPMessage(
+            settings.damping * _symmetrize(result.precision - bc.precision),
+            settings.damping * (result.shift - bc.shift),
+        )
         scale = jnp.where(jnp.all(jnp.isfinite(result.scale)), result.scale, state.scale)
-        position = jnp.where(jnp.all(jnp.isfinite(result.position)), result.position,
-                             state.position)
-        step_size = jnp.where(jnp.isfinite(result.step_size), result.step_size,
-                              state.step_size)
-        new_state = EPClientState(site_precision, site_shift, change.precision_change,
-                                  change.shift_change, bc.step.astype(jnp.int32), position,
-                                  scale, step_size, power)
+        position = jnp.where(
+            jnp.all(jnp.isfinite(result.position)), result.position, state.position
+        )
+        step_size = jnp.where(jnp.isfinite(result.step_size), result.step_size, state.step_size)
+        new_state = EPClientState(
+            site_precision,
+            site_shift,
+            change.precision_change,
+            change.shift_change,
+            bc.step.astype(jnp.int32),
+            position,
+            scale,
+            step_size,
+            power,
+        )
         return new_state, change, ClientInfo(power, result.divergences, result.used_stein)
 
+    @jax.jit
     def server_update(key, state: EPServerState, messages: EPMessage, received):
         del key
         weight = received.astype(state.precision.dtype)
-        total_precision = jnp.einsum("n,nij->ij", weight,
-                                     jnp.where(received[:, None, None],
-                                               messages.precision_change, 0.0))
-        total_shift = jnp.einsum("n,ni->i", weight,
-                                 jnp.where(received[:, None], messages.shift_change, 0.0))
+        total_precision = jnp.einsum(
+            "n,nij->ij", weight, jnp.where(received[:, None, None], messages.precision_change, 0.0)
+        )
+        total_shift = jnp.einsum(
+            "n,ni->i", weight, jnp.where(received[:, None], messages.shift_change, 0.0)
+        )
         ok = jax.vmap(lambda s: _is_pd(state.precision + s * total_precision))(scales)
         applied = scales[jnp.argmax(ok)]
         precision = _symmetrize(state.precision + applied * total_precision)
@@ -666,12 +848,22 @@ def ep_algorithm(problem: TiltedProblem, *, num_clients: int, settings: EPSettin
         old_mean, old_cov = _moments(state.precision, state.shift)
         mean, covariance = _moments(precision, shift)
         old_sd, sd = jnp.sqrt(jnp.diag(old_cov)), jnp.sqrt(jnp.diag(covariance))
-        info = EPServerInfo(mean, sd, jnp.max(jnp.abs(mean - old_mean) / sd),
-                            jnp.max(jnp.abs(jnp.log(sd / old_sd))), applied,
-                            jnp.sum(received))
+        info = EPServerInfo(
+            mean,
+            sd,
+            jnp.max(jnp.abs(mean - old_mean) / sd),
+            jnp.max(jnp.abs(jnp.log(sd / old_sd))),
+            applied,
+            jnp.sum(received),
+        )
         index = jnp.clip(state.step, 0, max_steps - 1)
-        new_state = EPServerState(precision, shift, state.step + 1,
-                                  state.applied_scale.at[index].set(applied), state.draw_key)
+        new_state = EPServerState(
+            precision,
+            shift,
+            state.step + 1,
+            state.applied_scale.at[index].set(applied),
+            state.draw_key,
+        )
         return new_state, info
 
     @jax.jit
@@ -680,18 +872,35 @@ def ep_algorithm(problem: TiltedProblem, *, num_clients: int, settings: EPSettin
         global_draws = _global_draws(bc, settings.num_samples)
         draws = result.draws
         phi_tilted, local = draws[:, :d], draws[:, d:]
+        fields, mask = data["fields"], data["mask"]
+        tilted_values = jax.vmap(lambda x: problem.constrain(x, fields, mask))(draws)
+        global_values = jax.vmap(lambda x: problem.constrain(x, fields, mask))(
+            jnp.concatenate([global_draws, local], axis=1)
+        )
         centred_phi = phi_tilted - jnp.mean(phi_tilted, axis=0)
-        centred_local = local - jnp.mean(local, axis=0)
         cov_pp = centred_phi.T @ centred_phi / draws.shape[0]
-        cov_lp = centred_local.T @ centred_phi / draws.shape[0]
-        regression = jnp.linalg.solve(cov_pp + 1e-9 * jnp.eye(d), cov_lp.T).T
-        adjusted = local + (global_draws - phi_tilted) @ regression.T
-        joint = jnp.concatenate([global_draws, adjusted], axis=1)
-        values = jax.vmap(lambda x: problem.constrain(x, data["fields"], data["mask"]))(joint)
-        return {k: v for k, v in values.items() if keep is None or k in keep}
+        solve = jnp.linalg.solve(cov_pp + REGRESSION_JITTER * jnp.eye(d), centred_phi.T)
+        values = {}
+        for name, value in tilted_values.items():
+            if keep is not None and name not in keep:
+                continue
+            if name in client_names:  # regression-adjust towards the global draws of phi
+                flat = value.reshape(value.shape[0], -1)
+                regression = (solve @ (flat - jnp.mean(flat, axis=0))) / draws.shape[0]
+                adjusted = flat + (global_draws - phi_tilted) @ regression
+                values[name] = adjusted.reshape(value.shape)
+            else:
+                values[name] = global_values[name]
+        return values
 
-    return FederatedAlgorithm(init, broadcast, client_update, server_update, client_finalize,
-                              validate_message)
+    return FederatedAlgorithm(
+        init, broadcast, client_update, server_update, client_finalize, validate_message
+    )
+
+
+def _strong(tree):
+    """The same arrays without weak types (so that the second round does not recompile)."""
+    return jax.tree_util.tree_map(lambda a: jnp.array(a, dtype=jnp.asarray(a).dtype), tree)
 
 
 def _global_draws(bc: EPBroadcast, num_draws: int):
@@ -716,8 +925,9 @@ def validate_message(message: EPMessage, bc: EPBroadcast | None = None):
 # ---------------------------------------------------------------------------- sequential
 
 
-def _sequential_round(algorithm, problem_dim, round_key, server_state, client_states,
-                      client_data, working):
+def _sequential_round(
+    algorithm, problem_dim, round_key, server_state, client_states, client_data, working
+):
     """One sequential sweep: clients in a random order, each against the latest global."""
     num_clients = working.shape[0]
     order = jax.random.permutation(jax.random.fold_in(round_key, 0), num_clients)
@@ -729,8 +939,9 @@ def _sequential_round(algorithm, problem_dim, round_key, server_state, client_st
         state_i = jax.tree_util.tree_map(lambda a: a[i], clients)
         data_i = jax.tree_util.tree_map(lambda a: a[i], client_data)
         new_state, message, _ = algorithm.client_update(key, bc, state_i, data_i)
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf))
-                                    for leaf in jax.tree_util.tree_leaves(message)]))
+        finite = jnp.all(
+            jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(message)])
+        )
         valid = finite & algorithm.validate_message(message, bc)
         ok = working[i] & valid
         stacked = jax.tree_util.tree_map(lambda a: a[None], message)
@@ -740,7 +951,8 @@ def _sequential_round(algorithm, problem_dim, round_key, server_state, client_st
         return (server_new, clients), (i, working[i] & ~valid, info.applied_scale)
 
     (server_state, client_states), (index, invalid, applied) = jax.lax.scan(
-        body, (server_state, client_states), order)
+        body, (server_state, client_states), order
+    )
     return server_state, client_states, index, invalid, applied
 
 
@@ -750,12 +962,15 @@ def _sequential_round(algorithm, problem_dim, round_key, server_state, client_st
 def _options(options: dict) -> EPSettings:
     unknown = set(options) - set(EPSettings._fields)
     if unknown:
-        raise TypeError(f"unknown options for method='ep': {sorted(unknown)}; known: "
-                        f"{sorted(EPSettings._fields)}")
+        raise TypeError(
+            f"unknown options for method='ep': {sorted(unknown)}; known: "
+            f"{sorted(EPSettings._fields)}"
+        )
     settings = EPSettings(**options)
     if settings.schedule not in ("synchronous", "sequential"):
-        raise ValueError(f"schedule must be 'synchronous' or 'sequential', got "
-                         f"{settings.schedule!r}")
+        raise ValueError(
+            f"schedule must be 'synchronous' or 'sequential', got {settings.schedule!r}"
+        )
     if not 0.0 < settings.damping <= 1.0:
         raise ValueError(f"damping must be in (0, 1], got {settings.damping}")
     return settings
@@ -780,35 +995,65 @@ def prepare(model, data: ClientData, settings: EPSettings):
     ``{"fields": {name: [N, max_n, ...]}, "mask": [N, max_n]}``.
     """
     sites = inspect_model(model, data.batch())
+    reparam = settings.reparam
     padded, mask = data.padded(dtype=np.float32)
     fields = {k: jnp.asarray(v) for k, v in padded.items()}
     client_data = {"fields": fields, "mask": jnp.asarray(mask)}
     probe = {k: v[0] for k, v in fields.items()}
-    problem = tilted_problem(model, sites, probe, int(mask.shape[1]), data.num_clients)
+    problem = tilted_problem(
+        model, sites, probe, int(mask.shape[1]), data.num_clients, reparam=reparam
+    )
     steps = settings.num_rounds * (data.num_clients if settings.schedule == "sequential" else 1)
-    algorithm = ep_algorithm(problem, num_clients=data.num_clients, settings=settings,
-                             max_steps=steps, keep=sites.global_sites + sites.client_sites)
+    algorithm = ep_algorithm(
+        problem,
+        num_clients=data.num_clients,
+        settings=settings,
+        max_steps=steps,
+        keep=sites.global_sites + sites.client_sites,
+        client_sites=sites.client_sites,
+    )
     return sites, problem, client_data, algorithm
 
 
-def run_ep(algorithm, key, client_data, client_ids, settings: EPSettings, *,
-           corrupt=None, state=None, start_round: int = 0, on_round=None,
-           progress: bool = False) -> EPRun:
+def run_ep(
+    algorithm,
+    key,
+    client_data,
+    client_ids,
+    settings: EPSettings,
+    *,
+    corrupt=None,
+    state=None,
+    start_round: int = 0,
+    on_round=None,
+    progress: bool = False,
+) -> EPRun:
     """Run EP rounds with either schedule; returns an :class:`EPRun`.
 
     ``state=(server_state, client_states)`` and ``start_round`` resume a run; rounds use
     ``fold_in(key, round)``, so a resumed run continues identically.
     """
     tol = DEFAULT_TOL[settings.tilted] if settings.tol is None else settings.tol
-    history = {"round": [], "mean": [], "sd": [], "mean_change": [], "sd_change": [],
-               "applied_scale": [], "received": [], "participants": [], "seconds": []}
+    history = {
+        "round": [],
+        "mean": [],
+        "sd": [],
+        "mean_change": [],
+        "sd_change": [],
+        "applied_scale": [],
+        "received": [],
+        "participants": [],
+        "seconds": [],
+    }
     below = [0]
     converged_at: list[int | None] = [None]
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=settings.num_rounds, initial=start_round,
-                   desc=f"ep[{settings.tilted}] rounds")
+
+        bar = tqdm(
+            total=settings.num_rounds, initial=start_round, desc=f"ep[{settings.tilted}] rounds"
+        )
     clock = [time.perf_counter()]
 
     def record(round_index, participants, received, info):
@@ -824,31 +1069,51 @@ def run_ep(algorithm, key, client_data, client_ids, settings: EPSettings, *,
         history["seconds"].append(now - clock[0])
         clock[0] = now
         change = max(float(info.mean_change), float(info.sd_change))
-        below[0] = below[0] + 1 if change < tol else 0
+        below[0] = below[0] + 1 if (change < tol and received > 0) else 0
         if below[0] >= PATIENCE and converged_at[0] is None:
             converged_at[0] = round_index + 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(change=f"{change:.3g}", received=f"{received}/{len(client_ids)}",
-                            mean=np.array2string(np.asarray(info.mean), precision=2))
+            bar.set_postfix(
+                change=f"{change:.3g}",
+                received=f"{received}/{len(client_ids)}",
+                mean=np.array2string(np.asarray(info.mean), precision=2),
+            )
         return below[0] >= PATIENCE
 
     if settings.schedule == "synchronous":
+
         def on_round_hook(rec, server_state, client_states):
             record(rec.round, rec.participants, rec.received, rec.server_info)
             if on_round is not None:
                 on_round(rec, server_state, client_states)
 
-        result = simulate(algorithm, key, client_data, client_ids=client_ids,
-                          num_rounds=settings.num_rounds, participation=settings.participation,
-                          dropout=settings.dropout, corrupt=corrupt, state=state,
-                          start_round=start_round,
-                          converged=lambda info: below[0] >= PATIENCE,
-                          on_round=on_round_hook, progress=False)
+        result = simulate(
+            algorithm,
+            key,
+            client_data,
+            client_ids=client_ids,
+            num_rounds=settings.num_rounds,
+            participation=settings.participation,
+            dropout=settings.dropout,
+            corrupt=corrupt,
+            state=state,
+            start_round=start_round,
+            converged=lambda info: below[0] >= PATIENCE,
+            on_round=on_round_hook,
+            progress=False,
+        )
         if bar is not None:
             bar.close()
-        return EPRun(result.server_state, result.client_states, result.personal,
-                     result.rounds, result.skips, history, converged_at[0])
+        return EPRun(
+            result.server_state,
+            result.client_states,
+            result.personal,
+            result.rounds,
+            result.skips,
+            history,
+            converged_at[0],
+        )
 
     # sequential schedule: the same pure functions, one client after another
     init_key, run_key, final_key = jax.random.split(key, 3)
@@ -857,8 +1122,7 @@ def run_ep(algorithm, key, client_data, client_ids, settings: EPSettings, *,
         server_state, client_states = algorithm.init(init_key, client_data)
     else:
         server_state, client_states = state
-    sweep = jax.jit(lambda k, s, c, w: _sequential_round(algorithm, None, k, s, c,
-                                                         client_data, w))
+    sweep = jax.jit(lambda k, s, c, w: _sequential_round(algorithm, None, k, s, c, client_data, w))
     skips: list[SkipRecord] = []
     rounds = []
     for round_index in range(start_round, settings.num_rounds):
@@ -867,24 +1131,33 @@ def run_ep(algorithm, key, client_data, client_ids, settings: EPSettings, *,
         asked = np.array(jax.random.uniform(pick_key, (num_clients,)) < settings.participation)
         if settings.participation >= 1.0:
             asked[:] = True
-        dropped = asked & np.array(jax.random.uniform(drop_key, (num_clients,))
-                                   < settings.dropout)
+        dropped = asked & np.array(jax.random.uniform(drop_key, (num_clients,)) < settings.dropout)
         working = asked & ~dropped
         for i in np.flatnonzero(dropped):
             skips.append(SkipRecord(round_index, client_ids[i], "dropped out"))
         before = algorithm.broadcast(server_state)
         server_state, client_states, index, invalid, applied = sweep(
-            sweep_key, server_state, client_states, jnp.asarray(working))
+            sweep_key, server_state, client_states, jnp.asarray(working)
+        )
         for i in np.asarray(index)[np.asarray(invalid)]:
-            skips.append(SkipRecord(round_index, client_ids[int(i)],
-                                    "message failed the algorithm's validity check"))
+            skips.append(
+                SkipRecord(
+                    round_index, client_ids[int(i)], "message failed the algorithm's validity check"
+                )
+            )
         old_mean, old_cov = _moments(before.precision, before.shift)
         mean, cov = _moments(server_state.precision, server_state.shift)
         old_sd, sd = jnp.sqrt(jnp.diag(old_cov)), jnp.sqrt(jnp.diag(cov))
-        info = EPServerInfo(mean, sd, jnp.max(jnp.abs(mean - old_mean) / sd),
-                            jnp.max(jnp.abs(jnp.log(sd / old_sd))), jnp.min(applied),
-                            int(working.sum() - np.asarray(invalid).sum()))
+        info = EPServerInfo(
+            mean,
+            sd,
+            jnp.max(jnp.abs(mean - old_mean) / sd),
+            jnp.max(jnp.abs(jnp.log(sd / old_sd))),
+            jnp.min(applied),
+            int(working.sum() - np.asarray(invalid).sum()),
+        )
         from ..protocol import RoundRecord
+
         rec = RoundRecord(round_index, int(working.sum()), int(info.received), info)
         rounds.append(rec)
         stop = record(round_index, rec.participants, rec.received, info)
@@ -897,14 +1170,23 @@ def run_ep(algorithm, key, client_data, client_ids, settings: EPSettings, *,
     bc = algorithm.broadcast(server_state)
     final_keys = jax.random.split(final_key, num_clients)
     personal = jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0))(
-        final_keys, bc, client_states, client_data)
-    return EPRun(server_state, client_states, personal, rounds, skips, history,
-                 converged_at[0])
+        final_keys, bc, client_states, client_data
+    )
+    return EPRun(server_state, client_states, personal, rounds, skips, history, converged_at[0])
 
 
-def fit_ep(model, data: ClientData, *, seed: int = 0, progress: bool = False,
-           corrupt: Callable | None = None, state=None, start_round: int = 0,
-           on_round: Callable | None = None, **options) -> Fit:
+def fit_ep(
+    model,
+    data: ClientData,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    corrupt: Callable | None = None,
+    state=None,
+    start_round: int = 0,
+    on_round: Callable | None = None,
+    **options,
+) -> Fit:
     """Federated EP: ``hf.fit(model, data, method="ep", **options)``.
 
     Parameters
@@ -939,17 +1221,29 @@ def fit_ep(model, data: ClientData, *, seed: int = 0, progress: bool = False,
     if isinstance(model, ConjugateFamily):
         model.check_data(data)
         dims, coords = model.dims(), model.coords()
+        options.setdefault("reparam", model.reparam_config())
         model = model.model
     settings = _options(options)
     sites, problem, client_data, algorithm = prepare(model, data, settings)
     key = jax.random.PRNGKey(seed)
     start = time.perf_counter()
-    run = run_ep(algorithm, key, client_data, data.client_ids, settings, corrupt=corrupt,
-                 state=state, start_round=start_round, on_round=on_round, progress=progress)
+    run = run_ep(
+        algorithm,
+        key,
+        client_data,
+        data.client_ids,
+        settings,
+        corrupt=corrupt,
+        state=state,
+        start_round=start_round,
+        on_round=on_round,
+        progress=progress,
+    )
     personal = jax.tree_util.tree_map(np.asarray, run.personal)
     num_draws = settings.num_samples
-    global_samples = {name: personal[name][0][None] for name in sites.global_sites
-                      if name in personal}
+    global_samples = {
+        name: personal[name][0][None] for name in sites.global_sites if name in personal
+    }
     client_samples = {}
     for name in sites.client_sites:
         if name not in personal:
@@ -960,16 +1254,35 @@ def fit_ep(model, data: ClientData, *, seed: int = 0, progress: bool = False,
     d = problem.phi_dim
     message_bytes = 4 * (d * d + d)
     diagnostics = {
-        "tilted": settings.tilted, "schedule": settings.schedule, "settings": settings,
-        "rounds": len(run.rounds), "converged_round": run.converged_round,
-        "history": run.history, "skips": run.skips, "round_records": run.rounds,
-        "state": (run.server_state, run.client_states), "next_round": start_round
-        + len(run.rounds), "bytes_per_message": message_bytes,
-        "global_latent": problem.global_latent, "phi_dim": d, "num_draws": num_draws,
+        "tilted": settings.tilted,
+        "schedule": settings.schedule,
+        "settings": settings,
+        "rounds": len(run.rounds),
+        "converged_round": run.converged_round,
+        "history": run.history,
+        "skips": run.skips,
+        "round_records": run.rounds,
+        "state": (run.server_state, run.client_states),
+        "next_round": start_round + len(run.rounds),
+        "bytes_per_message": message_bytes,
+        "global_latent": problem.global_latent,
+        "phi_dim": d,
+        "num_draws": num_draws,
         "run_seconds": time.perf_counter() - start,
     }
-    return Fit("ep", model, data, global_samples, StoredClientSamples(client_samples), sites,
-               personal=summaries, diagnostics=diagnostics, dims=dims, coords=coords, seed=seed)
+    return Fit(
+        "ep",
+        model,
+        data,
+        global_samples,
+        StoredClientSamples(client_samples),
+        sites,
+        personal=summaries,
+        diagnostics=diagnostics,
+        dims=dims,
+        coords=coords,
+        seed=seed,
+    )
 
 
 from ..api import METHODS  # noqa: E402  (api imports this module at its end)

@@ -95,7 +95,7 @@ def _global_params(family: ConjugateFamily, draws: dict[str, Any]) -> dict[str, 
 
 
 def exact_algorithm(family: ConjugateFamily, *, server: str = "auto",
-                    settings: GlobalsSettings = GlobalsSettings(),
+                    settings: GlobalsSettings | None = None,
                     num_clients: int | None = None) -> FederatedAlgorithm:
     """The exact engine as a :class:`~hierfl.protocol.FederatedAlgorithm`.
 
@@ -108,6 +108,7 @@ def exact_algorithm(family: ConjugateFamily, *, server: str = "auto",
     num_clients : int, optional
         Used by ``server="auto"``.
     """
+    settings = GlobalsSettings() if settings is None else settings
     if server not in ("auto", "nuts", "laplace"):
         raise ValueError(f"server must be 'auto', 'nuts' or 'laplace', got {server!r}")
     if server == "auto":
