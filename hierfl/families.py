@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from jax.scipy.special import betaln, gammaln
@@ -123,6 +124,11 @@ class ConjugateFamily:
         with numpyro.plate("client", data.num_clients):
             theta = self._sample_client(phi)
         self._observe(phi, theta, data)
+
+    def _spread_fixed_at_zero(self) -> bool:
+        """True when the client spread ``tau`` is fixed at 0 (complete pooling)."""
+        return any(r.parameter.name == "tau" and r.site is None and not np.any(r.value)
+                   for r in self.priors)
 
     def _sample_client(self, phi):
         return numpyro.sample(self.client_site, self.prior(phi))
@@ -219,6 +225,16 @@ class NormalNormal(ConjugateFamily):
 
     def likelihood(self, phi, theta, data):
         return dist.Normal(theta[data.client], data[self.scale])
+
+    def model(self, data: ModelData):
+        phi = self.sample_globals()
+        with numpyro.plate("client", data.num_clients):
+            if self._spread_fixed_at_zero():  # complete pooling: every client is the population
+                theta = numpyro.deterministic(
+                    self.client_site, jnp.broadcast_to(phi["mu"], (data.num_clients,)))
+            else:
+                theta = self._sample_client(phi)
+        self._observe(phi, theta, data)
 
     def reparam_config(self):
         from numpyro.infer.reparam import LocScaleReparam
@@ -420,10 +436,8 @@ class LinearMixed(ConjugateFamily):
 
     def model(self, data: ModelData):
         phi = self.sample_globals()
-        fixed_zero = all(r.site is None and not r.value.any() for r in self.priors
-                         if r.parameter.name == "tau")
         with numpyro.plate("client", data.num_clients):
-            if fixed_zero:  # complete pooling: no client effect at all
+            if self._spread_fixed_at_zero():  # complete pooling: no client effect at all
                 shape = (data.num_clients,) if self.num_effects == 1 else \
                     (data.num_clients, self.num_effects)
                 theta = numpyro.deterministic(self.client_site, jnp.zeros(shape))

@@ -96,14 +96,16 @@ def message_schema(message: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
             for path, leaf in leaves}
 
 
-def algorithm_schema(algorithm: FederatedAlgorithm, key, broadcast, client_state,
-                     client_data) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The message schema the algorithm declares: the shapes ``client_update`` returns for one
-    client, found by ``jax.eval_shape`` (nothing runs), so a malformed first round is
-    rejected instead of defining the schema."""
-    first = jax.tree_util.tree_map(lambda x: x[0], (client_state, client_data))
-    shapes = jax.eval_shape(algorithm.client_update, key, broadcast, *first)
-    return message_schema(shapes[1])
+def algorithm_schema(vmapped_update, keys, broadcast, client_states, client_data
+                     ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The message schema the algorithm declares: the per-client shapes its (jitted, vmapped)
+    ``client_update`` returns, found by ``eval_shape`` (nothing runs, and the trace is shared
+    with the call that follows), so a malformed first round is rejected instead of defining
+    the schema."""
+    shapes = vmapped_update.eval_shape(keys, broadcast, client_states, client_data)[1]
+    per_client = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes)
+    return message_schema(per_client)
 
 
 def _takes_broadcast(check: Callable) -> bool:
@@ -259,7 +261,8 @@ def simulate(
         if corrupt is not None:
             messages = corrupt(round_index, messages)
         if schema is None:
-            schema = algorithm_schema(algorithm, keys[0], broadcast, client_states, client_data)
+            schema = algorithm_schema(vmapped_update, keys, broadcast, client_states,
+                                      client_data)
         ok, reasons = validate_messages(messages, schema, algorithm.validate_message, broadcast)
         for i in np.flatnonzero(working & ~ok):
             skips.append(SkipRecord(round_index, client_ids[i], reasons[i]))

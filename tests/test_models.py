@@ -160,8 +160,6 @@ def test_spectrum_runs_with_centralized_nuts(module):
     pooling the population intercept and the mean county effect are only weakly separated)."""
     data = module.load()
     for name, family in module.spectrum().items():
-        if module is eight_schools and name == "complete pooling":
-            continue  # NormalNormal with tau = 0 under NUTS: see the xfail test below
         exact = hf.fit(family, data, seed=0, **FAST)
         nuts = hf.fit(family, data, method="nuts", seed=0, **FAST)
         if module is radon:
@@ -173,11 +171,6 @@ def test_spectrum_runs_with_centralized_nuts(module):
         assert_posteriors_agree(a, b, name)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="bug: NormalNormal.model samples theta "
-                   "~ Normal(mu, tau) with a concrete tau = 0 under complete pooling, which "
-                   "NumPyro's argument check rejects ('Normal distribution got invalid scale "
-                   "parameter'); LinearMixed.model records theta as a deterministic in that "
-                   "case, NormalNormal should too")
 def test_eight_schools_complete_pooling_runs_with_centralized_nuts():
     family = eight_schools.spectrum()["complete pooling"]
     fit = hf.fit(family, eight_schools.load(), method="nuts", num_warmup=50, num_samples=50,
