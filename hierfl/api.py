@@ -105,7 +105,8 @@ def _fit_exact(model, data: ClientData, *, seed: int, progress: bool, server: st
     settings = _settings(options, progress)
     model.check_data(data)
     padded, mask = data.padded()
-    client_data = {"fields": {k: jnp.asarray(padded[k], dtype=jnp.result_type(float))
+    float_type = np.dtype(jnp.result_type(float))  # converted on the host: no device compile
+    client_data = {"fields": {k: jnp.asarray(np.asarray(padded[k], float_type))
                               for k in model.required}, "mask": jnp.asarray(mask)}
     algorithm = exact_algorithm(model, server=server, settings=settings,
                                 num_clients=data.num_clients)

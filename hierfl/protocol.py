@@ -284,6 +284,6 @@ def simulate(
         bar.close()
     broadcast = algorithm.broadcast(server_state)
     final_keys = jax.random.split(final_key, num_clients)
-    personal = jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0))(
+    personal = jax.jit(jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0)))(
         final_keys, broadcast, client_states, client_data)
     return SimulationResult(server_state, client_states, personal, rounds, skips)
