@@ -394,19 +394,29 @@ class Fit:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """Save to ``path`` (pickle). The model function must be importable to load it."""
-        path = Path(path)
-        with path.open("wb") as stream:
-            pickle.dump(self, stream, protocol=pickle.HIGHEST_PROTOCOL)
-        return path
+        return save_object(self, path)
+
+
+def save_object(fit, path: str | Path) -> Path:
+    """Pickle a fit (any engine's) to ``path``; returns the path."""
+    path = Path(path)
+    with path.open("wb") as stream:
+        pickle.dump(fit, stream, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+
+def load_object(path: str | Path, kind: type):
+    """Unpickle a fit saved by :func:`save_object`, checking that it is a ``kind``."""
+    with Path(path).open("rb") as stream:
+        fit = pickle.load(stream)
+    if not isinstance(fit, kind):
+        raise TypeError(f"{path} does not hold a hierfl {kind.__name__}")
+    return fit
 
 
 def load_fit(path: str | Path) -> Fit:
     """Load a fit saved with :meth:`Fit.save`."""
-    with Path(path).open("rb") as stream:
-        fit = pickle.load(stream)
-    if not isinstance(fit, Fit):
-        raise TypeError(f"{path} does not hold a hierfl Fit")
-    return fit
+    return load_object(path, Fit)
 
 
 def _subset_batch(data: ClientData, indices) -> ModelData:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import numpy as np
 
 from .._arviz import arviz
 from ..data import ClientData, DataError
+from ..fit import load_object, save_object
 from ..protocol import simulate
 from .model import NeuralModel, personal_names
 from .svi import (
@@ -211,19 +211,12 @@ class NeuralFit:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """Save to ``path`` (pickle); the model's module must be importable to load it."""
-        path = Path(path)
-        with path.open("wb") as stream:
-            pickle.dump(self, stream, protocol=pickle.HIGHEST_PROTOCOL)
-        return path
+        return save_object(self, path)
 
 
 def load_neural_fit(path: str | Path) -> NeuralFit:
     """Load a fit saved with :meth:`NeuralFit.save`."""
-    with Path(path).open("rb") as stream:
-        fit = pickle.load(stream)
-    if not isinstance(fit, NeuralFit):
-        raise TypeError(f"{path} does not hold a hierfl NeuralFit")
-    return fit
+    return load_object(path, NeuralFit)
 
 
 _PREDICT_CACHE: dict = {}
