@@ -163,4 +163,3 @@ def _fit_svi(model, data: ClientData, *, seed: int, progress: bool, **options):
 
 
 METHODS["svi"] = _fit_svi
-from .engines import ep as _ep  # noqa: E402,F401  (registers METHODS["ep"])
