@@ -116,6 +116,15 @@ class StoredClientSamples:
         return {k: v[:, :, indices] for k, v in self.samples.items()}
 
 
+def as_key(key, seed: int, salt: int):
+    """A PRNG key from ``key`` (a key, an int seed, or None: ``fold_in(PRNGKey(seed), salt)``)."""
+    if key is None:
+        return jax.random.fold_in(jax.random.PRNGKey(seed), salt)
+    if isinstance(key, int):
+        return jax.random.PRNGKey(key)
+    return key
+
+
 def _flatten_draws(samples: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v).reshape((-1,) + np.shape(v)[2:]) for k, v in samples.items()}
 
@@ -167,11 +176,7 @@ class Fit:
         return int(first.shape[0] * first.shape[1])
 
     def _key(self, key, salt: int):
-        if key is None:
-            return jax.random.fold_in(jax.random.PRNGKey(self.seed), salt)
-        if isinstance(key, int):
-            return jax.random.PRNGKey(key)
-        return key
+        return as_key(key, self.seed, salt)
 
     def posterior_samples(self, clients: Sequence[Hashable] | None = None
                           ) -> dict[str, np.ndarray]:

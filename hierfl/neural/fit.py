@@ -14,7 +14,7 @@ import numpy as np
 
 from .._arviz import arviz
 from ..data import ClientData, DataError
-from ..fit import load_object, save_object
+from ..fit import as_key, load_object, save_object
 from ..protocol import simulate
 from .model import NeuralModel, personal_names
 from .svi import (
@@ -84,11 +84,7 @@ class NeuralFit:
         return self.mu, self.tau
 
     def _key(self, key, salt: int):
-        if key is None:
-            return jax.random.fold_in(jax.random.PRNGKey(self.seed), salt)
-        if isinstance(key, int):
-            return jax.random.PRNGKey(key)
-        return key
+        return as_key(key, self.seed, salt)
 
     def _check_inputs(self, client, x) -> jnp.ndarray:
         x = np.asarray(x, dtype=float)
