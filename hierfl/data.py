@@ -125,6 +125,10 @@ def _check_flat(name: str, array: np.ndarray, ids, offsets) -> np.ndarray:
     return array
 
 
+#: :meth:`ClientData.size_groups` rounds sizes onto a grid of at most this many values
+MAX_GROUPING_SIZES = 512
+
+
 class ClientData:
     """Per-client data of different sizes, validated and stored flat.
 
@@ -352,8 +356,11 @@ class ClientData:
                           self._sizes[[self.index_of(c) for c in ids]])
 
     # ------------------------------------------------------------------ views
-    def padded(self, max_size: int | None = None, *, dtype=None):
+    def padded(self, max_size: int | None = None, *, dtype=None, clients=None):
         """Stack clients on a leading axis, padding each to ``max_size`` rows.
+
+        ``clients`` (positions in client order) stacks only those clients; ``max_size``
+        defaults to the largest of them.
 
         Returns
         -------
@@ -362,13 +369,15 @@ class ClientData:
         mask : ndarray of bool, ``[num_clients, max_size]``
             True on real observations.
         """
-        width = int(self._sizes.max()) if max_size is None else int(max_size)
-        if width < self._sizes.max():
+        chosen = np.arange(self.num_clients) if clients is None else np.asarray(clients)
+        sizes = self._sizes[chosen]
+        width = int(sizes.max()) if max_size is None else int(max_size)
+        if width < sizes.max():
             raise DataError(f"max_size={width} is smaller than the largest client "
-                            f"({self._sizes.max()} rows)")
+                            f"({sizes.max()} rows)")
         position = np.arange(width)
-        mask = position[None, :] < self._sizes[:, None]
-        rows = self._offsets[:-1, None] + np.where(mask, position[None, :], 0)
+        mask = position[None, :] < sizes[:, None]
+        rows = self._offsets[chosen, None] + np.where(mask, position[None, :], 0)
         out = {}
         for name, array in self._fields.items():
             value = array[rows]
@@ -376,6 +385,42 @@ class ClientData:
                 value = value.astype(dtype)
             out[name] = value
         return out, mask
+
+    def size_groups(self, max_groups: int) -> list[np.ndarray]:
+        """Split the clients into at most ``max_groups`` groups of similar size, choosing the
+        group boundaries (in order of size) that minimize the total padded rows
+        ``sum(len(group) * max size in group)`` (dynamic programming over the distinct
+        sizes). Returns each group's client positions; empty groups are dropped.
+
+        >>> data = ClientData.from_dict({c: {"y": np.zeros(n)} for c, n in
+        ...                              zip("abcd", [2, 30, 3, 31])})
+        >>> [list(g) for g in data.size_groups(2)]
+        [[0, 2], [1, 3]]
+        """
+        sizes = self._sizes
+        values, counts = np.unique(sizes, return_counts=True)
+        if len(values) > MAX_GROUPING_SIZES:  # round up onto a geometric grid first
+            grid = np.unique(np.ceil(np.geomspace(values[0], values[-1], MAX_GROUPING_SIZES)))
+            values, counts = np.unique(grid[np.searchsorted(grid, sizes)], return_counts=True)
+        cumulative = np.concatenate([[0], np.cumsum(counts)])
+        unique = len(values)
+        groups = max(1, min(int(max_groups), unique))
+        cost = np.full((groups + 1, unique + 1), np.inf)
+        cost[0, 0] = 0.0
+        choice = np.zeros((groups + 1, unique + 1), dtype=int)
+        for k in range(1, groups + 1):
+            for j in range(1, unique + 1):
+                options = cost[k - 1, :j] + (cumulative[j] - cumulative[:j]) * values[j - 1]
+                choice[k, j] = int(np.argmin(options))
+                cost[k, j] = options[choice[k, j]]
+        bounds, j = [], unique
+        for k in range(groups, 0, -1):
+            bounds.append(values[j - 1])
+            j = choice[k, j]
+        edges = np.array(sorted(set(bounds)))
+        # every size goes to the first group whose largest size covers it
+        which = np.searchsorted(edges, np.minimum(sizes, edges[-1]))
+        return [np.flatnonzero(which == g) for g in range(len(edges)) if np.any(which == g)]
 
     def batch(self) -> ModelData:
         """Flat :class:`ModelData` for a NumPyro model with one client plate."""

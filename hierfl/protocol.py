@@ -37,11 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "ClientGroups",
     "FederatedAlgorithm",
     "RoundRecord",
     "SimulationResult",
     "SkipRecord",
     "algorithm_schema",
+    "map_clients",
     "message_schema",
     "simulate",
     "validate_messages",
@@ -96,12 +98,48 @@ def message_schema(message: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
             for path, leaf in leaves}
 
 
+class ClientGroups(NamedTuple):
+    """Client data in groups of clients of similar size, each group stacked on its own
+    leading axis and padded to its own width, so that small clients do not pay for the
+    largest one's rows (each group is one ``jax.vmap``; one compiled program per width).
+
+    Attributes
+    ----------
+    indices : tuple of ndarray
+        Positions (in client order) of each group's clients; together a permutation.
+    data : tuple of pytree
+        Each group's stacked client data.
+    """
+
+    indices: tuple
+    data: tuple
+
+
+def map_clients(fn: Callable, keys, broadcast, client_states, client_data):
+    """``fn(keys, broadcast, client_states, client_data)``, a jitted vmap over clients, on
+    stacked client data or on :class:`ClientGroups` (one call per group; the outputs are put
+    back in client order)."""
+    if not isinstance(client_data, ClientGroups):
+        return fn(keys, broadcast, client_states, client_data)
+    outputs = []
+    for index, data in zip(client_data.indices, client_data.data):
+        rows = jnp.asarray(index)
+        states = jax.tree_util.tree_map(lambda a, r=rows: a[r], client_states)
+        outputs.append(fn(keys[rows], broadcast, states, data))
+    order = jnp.asarray(np.argsort(np.concatenate(client_data.indices)))
+    return jax.tree_util.tree_map(lambda *parts: jnp.concatenate(parts)[order], *outputs)
+
+
 def algorithm_schema(vmapped_update, keys, broadcast, client_states, client_data
                      ) -> dict[str, tuple[tuple[int, ...], str]]:
     """The message schema the algorithm declares: the per-client shapes its (jitted, vmapped)
     ``client_update`` returns, found by ``eval_shape`` (nothing runs, and the trace is shared
     with the call that follows), so a malformed first round is rejected instead of defining
     the schema."""
+    if isinstance(client_data, ClientGroups):
+        rows = jnp.asarray(client_data.indices[0])
+        keys, client_data = keys[rows], client_data.data[0]
+        client_states = jax.tree_util.tree_map(lambda a: a[rows], client_states)
     shapes = vmapped_update.eval_shape(keys, broadcast, client_states, client_data)[1]
     per_client = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes)
@@ -208,8 +246,9 @@ def simulate(
     algorithm : FederatedAlgorithm
     key : jax.random.PRNGKey
         Split explicitly into one key per round, and per client within a round.
-    client_data : pytree
-        Per-client data stacked on a leading client axis (e.g. ``ClientData.padded``).
+    client_data : pytree or ClientGroups
+        Per-client data stacked on a leading client axis (e.g. ``ClientData.padded``), or in
+        groups of similar size (:class:`ClientGroups`; ``init`` then receives the groups).
     client_ids : tuple
         Client ids, used in skip records.
     num_rounds : int
@@ -257,7 +296,8 @@ def simulate(
             skips.append(SkipRecord(round_index, client_ids[i], "dropped out"))
         broadcast = algorithm.broadcast(server_state)
         keys = jax.random.split(client_key, num_clients)
-        new_states, messages, _ = vmapped_update(keys, broadcast, client_states, client_data)
+        new_states, messages, _ = map_clients(
+            vmapped_update, keys, broadcast, client_states, client_data)
         if corrupt is not None:
             messages = corrupt(round_index, messages)
         if schema is None:
@@ -284,6 +324,7 @@ def simulate(
         bar.close()
     broadcast = algorithm.broadcast(server_state)
     final_keys = jax.random.split(final_key, num_clients)
-    personal = jax.jit(jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0)))(
+    personal = map_clients(
+        jax.jit(jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0))),
         final_keys, broadcast, client_states, client_data)
     return SimulationResult(server_state, client_states, personal, rounds, skips)

@@ -96,7 +96,7 @@ from numpyro.primitives import Messenger
 
 from ..data import ClientData, ModelData
 from ..fit import Fit, ModelSites, StoredClientSamples, inspect_model
-from ..protocol import SkipRecord, simulate
+from ..protocol import ClientGroups, SkipRecord, map_clients, simulate
 from .globals_inference import unconstrained
 
 __all__ = [
@@ -126,8 +126,12 @@ CAVITY_STEPS = 8
 STEIN_MIN_CAVITY_SHARE = 0.5
 #: relative tolerance of the symmetry check on a message's precision change
 SYMMETRY_TOLERANCE = 1e-3
-#: line-search step fractions of the damped Newton optimizer (Laplace tilted inference)
-LINE_SEARCH = 2.0 ** -np.arange(12)
+#: most Newton steps for a client's own parameters given ``phi`` (Laplace tilted inference;
+#: warm-started, usually a convex problem)
+INNER_NEWTON_STEPS = 20
+#: damped Newton: most halvings of the step, and the predicted gain in log density below
+#: which it stops
+MAX_HALVINGS, NEWTON_TOL = 12, 1e-6
 #: eigenvalue floor (relative) that makes a Newton direction a descent direction
 EIGEN_FLOOR = 1e-6
 #: a NUTS tilted run with more divergent transitions than this fraction sends no update
@@ -138,10 +142,15 @@ MAX_ENERGY_SPREAD = 100.0
 MAX_ENERGY_SPREAD_PER_DIM = 10.0
 #: ridge added to the tilted covariance of phi in the finalize regression adjustment
 REGRESSION_JITTER = 1e-6
+#: group clients by size only when it cuts the padded rows at least this many times
+MIN_GROUPING_GAIN = 2.0
 #: rounds in a row below ``tol`` that count as converged
 PATIENCE = 2
 #: default convergence tolerance (max change of a global mean in sds, and of log sd)
 DEFAULT_TOL = {"laplace": 1e-3, "nuts": 0.05, "svi": 0.05}
+#: Laplace tilted inference: most Gauss-Hermite points per client dimension, and most
+#: points in the tensor grid over the client's own parameters
+MAX_QUADRATURE_POINTS, QUADRATURE_BUDGET = 7, 81
 
 
 # ---------------------------------------------------------------------------- settings
@@ -178,6 +187,14 @@ class EPSettings(NamedTuple):
         SVI tilted inference: Adam steps, learning rate, ELBO draws per step.
     moment_draws : int
         Draws from the fitted Gaussian used for the SVI moment estimate.
+    quadrature_points : int or None
+        Laplace tilted inference: Gauss-Hermite points per dimension of the client's own
+        parameters when they are integrated out (1 is a plain Laplace approximation; default
+        by :func:`quadrature_points`).
+    size_groups : int
+        Synchronous schedule: clients are split into at most this many groups of similar
+        size, each padded to its own largest client (one compiled program per group), when
+        that cuts the padded rows by at least :data:`MIN_GROUPING_GAIN`.
     reparam : dict or None
         :func:`numpyro.handlers.reparam` configuration for the tilted problems (default for a
         conjugate family: its :meth:`reparam_config`, non-centred client sites).
@@ -199,6 +216,8 @@ class EPSettings(NamedTuple):
     svi_learning_rate: float = 0.05
     svi_particles: int = 8
     moment_draws: int = 256
+    quadrature_points: int | None = None
+    size_groups: int = 3
     reparam: dict | None = None
 
 
@@ -390,27 +409,36 @@ def tilted_problem(
         return {**z["phi"], **z["local"]}
 
     def potential(x, fields, mask):
+        rows = mask.shape[-1]  # static: clients may be padded to different widths
         weighted = _TiltedWeights(
             model,
             prior_weight=prior_weight,
             mask=mask,
-            num_rows=num_rows,
+            num_rows=rows,
             client_plate=sites.client_plate,
         )
-        return potential_energy(weighted, (_client_model_data(fields, num_rows),), {}, params_of(x))
+        return potential_energy(weighted, (_client_model_data(fields, rows),), {}, params_of(x))
 
     def constrain(x, fields, mask):
-        del mask
         return constrain_fn(
             model,
-            (_client_model_data(fields, num_rows),),
+            (_client_model_data(fields, mask.shape[-1]),),
             {},
             params_of(x),
             return_deterministic=True,
         )
 
+    # jitted so that the model is traced once per shape: every transformation of it (the
+    # nested derivatives of the Laplace and NUTS tilted inference) then reuses its jaxpr
+    # instead of running the NumPyro model through its handlers again
     return TiltedProblem(
-        phi_dim, int(flat.shape[0]), global_latent, local_latent, potential, constrain, unravel
+        phi_dim,
+        int(flat.shape[0]),
+        global_latent,
+        local_latent,
+        jax.jit(potential),
+        constrain,
+        unravel,
     )
 
 
@@ -502,44 +530,207 @@ class TiltedResult(NamedTuple):
     used_stein: Any
 
 
-def _newton(potential, x0, num_steps: int):
-    """Damped Newton from ``x0``: eigenvalue-floored Hessian, backtracking line search."""
-    steps = jnp.asarray(LINE_SEARCH, dtype=x0.dtype)
+def _newton(potential, x0, num_steps: int, derivatives=None, max_halvings: int = MAX_HALVINGS):
+    """Damped Newton from ``x0``: eigenvalue-floored Hessian, backtracking line search.
 
-    def newton(x, _):
-        value, grad = jax.value_and_grad(potential)(x)
-        hessian = _symmetrize(jax.hessian(potential)(x))
-        eigenvalues, vectors = jnp.linalg.eigh(hessian)
+    Stops after ``num_steps`` steps, when half the squared Newton decrement
+    :math:`g^\top H^{-1} g / 2` (the predicted gain in log density) is below
+    :data:`NEWTON_TOL`, or when no step of the line search (halving up to ``max_halvings``
+    times) improves the potential. ``derivatives(x) -> (value, gradient, hessian)``
+    (default: automatic differentiation of ``potential``); ``potential`` alone is used in the
+    line search.
+    """
+    if derivatives is None:
+
+        def derivatives(x):
+            value, grad = jax.value_and_grad(potential)(x)
+            return value, grad, jax.hessian(potential)(x)
+
+    def direction_of(x):
+        value, grad, hessian = derivatives(x)
+        eigenvalues, vectors = jnp.linalg.eigh(_symmetrize(hessian))
         floor = EIGEN_FLOOR * jnp.maximum(1.0, jnp.max(jnp.abs(eigenvalues)))
         direction = vectors @ ((vectors.T @ grad) / jnp.maximum(jnp.abs(eigenvalues), floor))
-        candidates = x[None, :] - steps[:, None] * direction[None, :]
-        values = jax.vmap(potential)(candidates)
-        values = jnp.where(jnp.isfinite(values), values, jnp.inf)
-        better = values < value
-        index = jnp.argmax(better)
-        x_new = jnp.where(jnp.any(better) & jnp.all(jnp.isfinite(direction)), candidates[index], x)
-        return x_new, None
+        return value, direction, 0.5 * grad @ direction
 
-    mode, _ = jax.lax.scan(newton, x0, None, length=num_steps)
+    def search(x, value, direction):
+        def not_better(carry):
+            halvings, candidate_value = carry
+            return (halvings <= max_halvings) & ~(candidate_value < value)
+
+        def halve(carry):
+            halvings, _ = carry
+            return halvings + 1, potential(x - 0.5 ** (halvings + 1) * direction)
+
+        first = (jnp.asarray(0), potential(x - direction))
+        halvings, candidate_value = jax.lax.while_loop(not_better, halve, first)
+        return x - 0.5**halvings * direction, candidate_value < value
+
+    def keep_going(carry):
+        step, _, done = carry
+        return (step < num_steps) & ~done
+
+    def newton(carry):
+        step, x, _ = carry
+        value, direction, gain = direction_of(x)
+        usable = jnp.all(jnp.isfinite(direction)) & jnp.isfinite(value)
+        candidate, improved = search(x, value, jnp.where(usable, direction, 0.0))
+        moved = usable & improved
+        done = ~moved | (gain < NEWTON_TOL)
+        return step + 1, jnp.where(moved, candidate, x), done
+
+    _, mode, _ = jax.lax.while_loop(keep_going, newton, (jnp.asarray(0), x0, jnp.asarray(False)))
     return mode
 
 
+def quadrature_grid(points: int, dim: int):
+    """Tensor Gauss-Hermite grid for the weight :math:`e^{-|u|^2/2}` on :math:`R^{dim}`.
+
+    Returns ``(nodes [points**dim, dim], log_weights [points**dim])``; the weights sum to
+    :math:`(2\\pi)^{dim/2}`. One point is the Laplace approximation.
+    """
+    nodes, weights = np.polynomial.hermite_e.hermegauss(points)
+    grid = np.stack(np.meshgrid(*([nodes] * dim), indexing="ij"), -1).reshape(-1, dim)
+    log_weights = np.stack(np.meshgrid(*([np.log(weights)] * dim), indexing="ij"), -1)
+    return grid, log_weights.reshape(-1, dim).sum(axis=-1)
+
+
+def quadrature_points(local_dim: int, requested: int | None = None) -> int:
+    """Gauss-Hermite points per local dimension: ``requested``, or the largest odd number up
+    to :data:`MAX_QUADRATURE_POINTS` whose grid has at most :data:`QUADRATURE_BUDGET` points
+    (1, the Laplace approximation, for many local dimensions)."""
+    if requested is not None:
+        return int(requested)
+    for points in range(MAX_QUADRATURE_POINTS, 1, -2):
+        if points**local_dim <= QUADRATURE_BUDGET:
+            return points
+    return 1
+
+
+class _LocalQuadrature(NamedTuple):
+    value: Any  # -log of the integral over the client's own parameters
+    nodes: Any  # [G, k] quadrature nodes
+    weights: Any  # [G] normalized weights of the nodes (sum to one)
+    mode: Any  # [k] inner mode
+    chol: Any  # [k, k] Cholesky factor of the inner Hessian at the mode
+
+
+def _local_quadrature(potential, phi, t0, grid, log_weights, num_steps: int):
+    r""":math:`-\log \int e^{-U(\phi, t)}\, dt` by adaptive Gauss-Hermite quadrature.
+
+    The inner mode :math:`t^*` is found by damped Newton from ``t0``. With :math:`H = LL^\top`
+    the Hessian in ``t`` at the mode, the nodes are :math:`t_j = t^* + L^{-\top}u_j` and
+
+    .. math::
+        \int e^{-U} dt \approx |L|^{-1} \sum_j w_j\, e^{-U(\phi, t_j) + |u_j|^2/2}
+
+    (one node is the Laplace approximation). The normalized terms are the weights of the
+    nodes under :math:`p(t \mid \phi)`; nothing here is differentiated.
+    """
+
+    def inner(t):
+        return potential(jnp.concatenate([phi, t]))
+
+    mode = jax.lax.stop_gradient(_newton(inner, t0, num_steps))
+    chol = jnp.linalg.cholesky(_symmetrize(jax.hessian(inner)(mode)))
+    nodes = mode + jax.scipy.linalg.solve_triangular(chol.T, grid.T, lower=False).T
+    log_terms = log_weights - jax.vmap(inner)(nodes) + 0.5 * jnp.sum(grid**2, axis=-1)
+    log_integral = jax.scipy.special.logsumexp(log_terms) - jnp.sum(jnp.log(jnp.diag(chol)))
+    return _LocalQuadrature(-log_integral, nodes, jax.nn.softmax(log_terms), mode, chol)
+
+
+def _marginal_derivatives(potential, phi, quadrature: _LocalQuadrature):
+    r"""Gradient and Hessian in ``phi`` of :math:`V(\phi) = -\log \int e^{-U(\phi, t)} dt`
+    by Fisher's and Louis' identities, :math:`\nabla V = E[\nabla_\phi U]` and
+    :math:`\nabla^2 V = E[\nabla^2_\phi U] - \mathrm{Cov}[\nabla_\phi U]` under
+    :math:`p(t \mid \phi)`, the expectations taken over the quadrature nodes. Only first and
+    second derivatives of the model's log density are needed (none through the inner mode).
+    """
+
+    def joint(phi_, t):
+        return potential(jnp.concatenate([phi_, t]))
+
+    grads = jax.vmap(jax.grad(joint), in_axes=(None, 0))(phi, quadrature.nodes)
+    hessians = jax.vmap(jax.hessian(joint), in_axes=(None, 0))(phi, quadrature.nodes)
+    w = quadrature.weights
+    gradient = w @ grads
+    centred = grads - gradient
+    hessian = jnp.einsum("g,gij->ij", w, hessians) - (centred * w[:, None]).T @ centred
+    return gradient, _symmetrize(hessian)
+
+
 def _laplace(potential, x0, settings: EPSettings, phi_dim: int, key, num_draws: int):
-    """Damped Newton to the mode; Gaussian with the inverse Hessian there."""
-    mode = _newton(potential, x0, settings.newton_steps)
-    hessian = _symmetrize(jax.hessian(potential)(mode))
-    covariance = _inverse(hessian)
-    phi_cov = covariance[:phi_dim, :phi_dim]
-    precision = _inverse(phi_cov)
-    shift = precision @ mode[:phi_dim]
-    chol = jnp.linalg.cholesky(covariance)
-    draws = mode + jax.random.normal(key, (num_draws, mode.shape[0]), mode.dtype) @ chol.T
+    r"""Laplace approximation of the tilted marginal of ``phi``, client parameters integrated
+    out (a nested, INLA-style Laplace).
+
+    A joint Gaussian on :math:`(\phi, \theta_i)` at the joint mode is badly biased when the
+    client's parameters have a learned spread (the funnel: the joint mode drives the spread
+    to zero). Instead the client's own parameters are integrated out for each ``phi`` by
+    adaptive Gauss-Hermite quadrature (:func:`_local_quadrature`); the mode of the marginal
+    is found by damped Newton on its exact derivatives (:func:`_marginal_derivatives`) and
+    the precision is the marginal's Hessian there. Draws: ``phi`` from that Gaussian, then
+    :math:`\theta_i` from its conditional Laplace approximation given each ``phi``.
+    """
+    local_dim = x0.shape[0] - phi_dim
+    if local_dim == 0:
+        mode = _newton(potential, x0, settings.newton_steps)
+        precision = _symmetrize(jax.hessian(potential)(mode))
+        chol = jnp.linalg.cholesky(_inverse(precision))
+        draws = mode + jax.random.normal(key, (num_draws, phi_dim), mode.dtype) @ chol.T
+        return TiltedResult(
+            precision,
+            precision @ mode,
+            draws,
+            mode,
+            chol,
+            jnp.asarray(1.0, mode.dtype),
+            jnp.asarray(0, jnp.int32),
+            jnp.asarray(False),
+        )
+    points = quadrature_points(local_dim, settings.quadrature_points)
+    grid, log_weights = (jnp.asarray(a, x0.dtype) for a in quadrature_grid(points, local_dim))
+    t0 = x0[phi_dim:]
+
+    def quadrature(phi):
+        return _local_quadrature(potential, phi, t0, grid, log_weights, INNER_NEWTON_STEPS)
+
+    def derivatives(phi):
+        q = quadrature(phi)
+        return (q.value, *_marginal_derivatives(potential, phi, q))
+
+    mode = _newton(
+        lambda phi: quadrature(phi).value,
+        x0[:phi_dim],
+        settings.newton_steps,
+        derivatives=derivatives,
+    )
+    q = quadrature(mode)
+    _, precision = _marginal_derivatives(potential, mode, q)
+    position = jnp.concatenate([mode, q.mode])
+    joint = _symmetrize(jax.hessian(potential)(position))
+    scale = jnp.linalg.cholesky(_inverse(joint))
+    # draws: phi from the Laplace marginal; the client's own parameters from their Gaussian
+    # conditional at the joint point (mean moving linearly with phi, covariance the inverse
+    # local Hessian)
+    phi_key, local_key = jax.random.split(key)
+    phi_chol = jnp.linalg.cholesky(_inverse(precision))
+    phis = mode + jax.random.normal(phi_key, (num_draws, phi_dim), mode.dtype) @ phi_chol.T
+    local_precision = joint[phi_dim:, phi_dim:]
+    slope = -jnp.linalg.solve(local_precision, joint[phi_dim:, :phi_dim])
+    local_chol = jnp.linalg.cholesky(local_precision)
+    noise = jax.random.normal(local_key, (num_draws, local_dim), mode.dtype)
+    locals_ = (
+        q.mode
+        + (phis - mode) @ slope.T
+        + jax.scipy.linalg.solve_triangular(local_chol.T, noise.T, lower=False).T
+    )
+    draws = jnp.concatenate([phis, locals_], axis=1)
     return TiltedResult(
         precision,
-        shift,
+        precision @ mode,
         draws,
-        mode,
-        chol,
+        position,
+        scale,
         jnp.asarray(1.0, mode.dtype),
         jnp.asarray(0, jnp.int32),
         jnp.asarray(False),
@@ -992,16 +1183,32 @@ def prepare(model, data: ClientData, settings: EPSettings):
     """Sites, tilted problem, stacked client data and the algorithm for ``model`` on ``data``.
 
     Returns ``(sites, problem, client_data, algorithm)``; ``client_data`` is
-    ``{"fields": {name: [N, max_n, ...]}, "mask": [N, max_n]}``.
+    ``{"fields": {name: [N, max_n, ...]}, "mask": [N, max_n]}``, or with the synchronous
+    schedule and clients of very different sizes, :class:`~hierfl.protocol.ClientGroups` of
+    such dicts (at most ``settings.size_groups`` groups, each padded to its own largest
+    client).
     """
     sites = inspect_model(model, data.batch())
     reparam = settings.reparam
-    padded, mask = data.padded(dtype=np.float32)
-    fields = {k: jnp.asarray(v) for k, v in padded.items()}
-    client_data = {"fields": fields, "mask": jnp.asarray(mask)}
-    probe = {k: v[0] for k, v in fields.items()}
+
+    def stacked(clients=None):
+        padded, mask = data.padded(dtype=np.float32, clients=clients)
+        return {"fields": {k: jnp.asarray(v) for k, v in padded.items()}, "mask": jnp.asarray(mask)}
+
+    groups = [np.arange(data.num_clients)]
+    if settings.schedule == "synchronous" and settings.size_groups > 1:
+        candidate = data.size_groups(settings.size_groups)
+        padded_rows = sum(len(g) * int(data.sizes[g].max()) for g in candidate)
+        if padded_rows * MIN_GROUPING_GAIN <= data.num_clients * int(data.sizes.max()):
+            groups = candidate
+    if len(groups) == 1:
+        client_data = stacked()
+    else:
+        client_data = ClientGroups(tuple(groups), tuple(stacked(g) for g in groups))
+    first = client_data if len(groups) == 1 else client_data.data[0]
+    probe = {k: v[0] for k, v in first["fields"].items()}
     problem = tilted_problem(
-        model, sites, probe, int(mask.shape[1]), data.num_clients, reparam=reparam
+        model, sites, probe, int(first["mask"].shape[1]), data.num_clients, reparam=reparam
     )
     steps = settings.num_rounds * (data.num_clients if settings.schedule == "sequential" else 1)
     algorithm = ep_algorithm(
@@ -1169,8 +1376,12 @@ def run_ep(
         bar.close()
     bc = algorithm.broadcast(server_state)
     final_keys = jax.random.split(final_key, num_clients)
-    personal = jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0))(
-        final_keys, bc, client_states, client_data
+    personal = map_clients(
+        jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0)),
+        final_keys,
+        bc,
+        client_states,
+        client_data,
     )
     return EPRun(server_state, client_states, personal, rounds, skips, history, converged_at[0])
 
