@@ -184,6 +184,81 @@ def test_sequential_schedule_reaches_the_same_fixed_point():
     assert fit.diagnostics["history"]["sd"][-1][0] == pytest.approx(sd, rel=0.01)
 
 
+def test_laplace_quadrature_integrates_client_parameters_out():
+    """The inner integral of the nested Laplace: exact for a Gaussian, and for a Poisson
+    log-normal integrand equal to brute-force quadrature on a fine grid."""
+    grid, log_weights = (jnp.asarray(a) for a in ep.quadrature_grid(7, 1))
+    np.testing.assert_allclose(np.exp(jax.scipy.special.logsumexp(log_weights)), np.sqrt(2 * np.pi),
+                               rtol=1e-5)
+
+    def gaussian(x):  # -log N(t; 0.3 phi, 0.5^2) without its normalizer, phi = x[0]
+        return 0.5 * ((x[1] - 0.3 * x[0]) / 0.5) ** 2
+
+    quad = ep._local_quadrature(gaussian, jnp.array([1.0]), jnp.zeros(1), grid, log_weights, 20)
+    assert float(quad.value) == pytest.approx(-np.log(np.sqrt(2 * np.pi) * 0.5), abs=1e-5)
+    assert float(quad.mode[0]) == pytest.approx(0.3, abs=1e-5)
+
+    counts = jnp.array([0.0, 2.0, 5.0])
+
+    def poisson(x):  # log-rate t ~ N(phi, 1), counts ~ Poisson(exp(t))
+        t = x[1]
+        return 0.5 * (t - x[0]) ** 2 - jnp.sum(counts * t - jnp.exp(t))
+
+    phi = jnp.array([0.2])
+    quad = ep._local_quadrature(poisson, phi, jnp.zeros(1), grid, log_weights, 20)
+    fine = np.linspace(-8.0, 8.0, 20001)
+    values = np.array([-float(poisson(jnp.array([0.2, t]))) for t in fine[::20]])
+    brute = -np.log(np.trapezoid(np.exp(values), fine[::20]))
+    assert float(quad.value) == pytest.approx(brute, abs=1e-3)
+    # the derivatives by Fisher's and Louis' identities match those of the exact integral
+    gradient, hessian = ep._marginal_derivatives(poisson, phi, quad)
+
+    def exact(p):
+        return -jax.scipy.special.logsumexp(
+            jnp.array([-poisson(jnp.array([p, t])) for t in np.linspace(-8.0, 8.0, 1601)])
+        ) - np.log(16.0 / 1600)
+
+    assert float(gradient[0]) == pytest.approx(float(jax.grad(exact)(0.2)), abs=2e-3)
+    assert float(hessian[0, 0]) == pytest.approx(float(jax.hessian(exact)(0.2)), abs=5e-3)
+
+
+def test_laplace_tilted_with_a_learned_spread_matches_exact():
+    """The client parameters are integrated out, so the learned spread is not pulled to
+    zero (the funnel that biases a joint Laplace approximation)."""
+    data = _normal_data(7, num_clients=12, tau=1.5)
+    family = hf.NormalNormal(priors={"tau": dist.HalfNormal(2.0)})
+    exact = hf.fit(family, data, method="exact", num_samples=2000, num_chains=2, seed=0)
+    fit = hf.fit(family, data, method="ep", tilted="laplace", num_rounds=15, num_samples=2000)
+    for name, tolerance in (("mu", 0.1), ("tau", 0.25)):
+        a, b = np.ravel(exact.global_samples[name]), np.ravel(fit.global_samples[name])
+        assert abs(b.mean() - a.mean()) < tolerance * a.std(), name
+    a = exact.client_samples(np.arange(12))["theta"].reshape(-1, 12)
+    b = fit.client_samples(np.arange(12))["theta"].reshape(-1, 12)
+    assert np.max(np.abs(b.mean(0) - a.mean(0)) / a.std(0)) < 0.25
+
+
+def test_clients_grouped_by_size_give_the_same_fit():
+    rng = np.random.default_rng(8)
+    sizes = [2] * 8 + [90, 90]
+    data = hf.ClientData.from_dict(
+        {f"c{i}": {"y": rng.normal(i % 3, 2.0, n), "sigma": np.full(n, 2.0)}
+         for i, n in enumerate(sizes)}
+    )
+    family = hf.NormalNormal(priors={"tau": dist.HalfNormal(2.0)})
+    _, _, grouped, _ = ep.prepare(family.model, data, ep.EPSettings(tilted="laplace"))
+    assert isinstance(grouped, hf.protocol.ClientGroups)
+    assert [len(g) for g in grouped.indices] == [8, 2]
+    fits = [
+        hf.fit(family, data, method="ep", tilted="laplace", num_rounds=6, num_samples=200,
+               size_groups=groups)
+        for groups in (1, 3)
+    ]
+    np.testing.assert_allclose(
+        fits[0].diagnostics["history"]["mean"][-1], fits[1].diagnostics["history"]["mean"][-1],
+        rtol=1e-3, atol=1e-3,
+    )
+
+
 def test_bad_options_are_named():
     data = _normal_data(5, num_clients=3)
     with pytest.raises(TypeError, match="unknown options"):

@@ -147,7 +147,7 @@ MIN_GROUPING_GAIN = 2.0
 #: rounds in a row below ``tol`` that count as converged
 PATIENCE = 2
 #: default convergence tolerance (max change of a global mean in sds, and of log sd)
-DEFAULT_TOL = {"laplace": 1e-3, "nuts": 0.05, "svi": 0.05}
+DEFAULT_TOL = {"laplace": 0.02, "nuts": 0.05, "svi": 0.05}
 #: Laplace tilted inference: most Gauss-Hermite points per client dimension, and most
 #: points in the tensor grid over the client's own parameters
 MAX_QUADRATURE_POINTS, QUADRATURE_BUDGET = 7, 81
