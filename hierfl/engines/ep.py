@@ -29,7 +29,9 @@ evaluates it. The global approximation is the sum of the sites only. The initial
 2. tilted inference on :math:`(z, \theta_i)` with the cavity as the prior on :math:`z`,
    using only its own rows: the model is run with ``num_clients=1`` on the client's padded
    rows through handlers (prior scaled by ``1/N``, padding rows masked), never rewritten.
-   ``"laplace"`` (mode and Hessian by damped Newton), ``"nuts"`` (NumPyro's functional NUTS
+   ``"laplace"`` (a nested Laplace approximation: the client's own parameters integrated
+   out by adaptive Gauss-Hermite quadrature, then mode and Hessian of the marginal of
+   :math:`z` by damped Newton; see :func:`_laplace`), ``"nuts"`` (NumPyro's functional NUTS
    kernel) or ``"svi"`` (a full-covariance Gaussian over :math:`(z, \theta_i)` fitted with
    Optax, the partitioned-VI update);
 3. moment matching: the tilted marginal of :math:`z` gives new global natural parameters
