@@ -1,5 +1,12 @@
 """Bodies with personal parts: an MLP or a small CNN with a personal head, and an MLP with
-personal normalization (FedBN-style scale/shift) and a shared head."""
+personal normalization (FedBN-style scale/shift) and a shared head.
+
+Every module splits at its first personal layer: ``features(x)`` is the part of the network
+before it (shared parameters only) and ``personal_head(h)`` the rest, so that
+``__call__(x) == personal_head(features(x))``. :class:`~hierfl.neural.NeuralModel` uses the
+split to compute a client's features once per round and then fit the personal parameters on
+them (the local E-step of :mod:`hierfl.neural.svi`).
+"""
 
 from __future__ import annotations
 
@@ -19,12 +26,21 @@ class MLPHead(nn.Module):
     hidden: Sequence[int]
     num_classes: int
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
+        self.layers = [nn.Dense(width) for width in self.hidden]
+        self.head = PersonalDense(self.num_classes)
+
+    def features(self, x):
         x = x.reshape(x.shape[0], -1)
-        for width in self.hidden:
-            x = nn.relu(nn.Dense(width)(x))
-        return PersonalDense(self.num_classes, name="head")(x)
+        for layer in self.layers:
+            x = nn.relu(layer(x))
+        return x
+
+    def personal_head(self, h):
+        return self.head(h)
+
+    def __call__(self, x):
+        return self.personal_head(self.features(x))
 
 
 class CNNHead(nn.Module):
@@ -32,31 +48,53 @@ class CNNHead(nn.Module):
     linear head."""
 
     channels: Sequence[int]
-    features: int
+    features_size: int
     num_classes: int
 
-    @nn.compact
-    def __call__(self, x):
-        for width in self.channels:
-            x = nn.relu(nn.Conv(width, (3, 3), strides=(2, 2))(x))
+    def setup(self):
+        self.convs = [nn.Conv(width, (3, 3), strides=(2, 2)) for width in self.channels]
+        self.dense = nn.Dense(self.features_size)
+        self.head = PersonalDense(self.num_classes)
+
+    def features(self, x):
+        for conv in self.convs:
+            x = nn.relu(conv(x))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(self.features)(x))
-        return PersonalDense(self.num_classes, name="head")(x)
+        return nn.relu(self.dense(x))
+
+    def personal_head(self, h):
+        return self.head(h)
+
+    def __call__(self, x):
+        return self.personal_head(self.features(x))
 
 
 class MLPNorm(nn.Module):
     """Shared MLP and head; after every hidden layer a :class:`PersonalNorm` whose scale and
-    shift are personal (``norm_<k>_scale``, ``norm_<k>_shift``)."""
+    shift are personal (``norm_<k>_scale``, ``norm_<k>_shift``). ``features`` is the first
+    dense layer's output (before the first personal normalization)."""
 
     hidden: Sequence[int]
     num_classes: int
 
-    @nn.compact
+    def setup(self):
+        self.layers = [nn.Dense(width) for width in self.hidden]
+        for k in range(len(self.hidden)):
+            setattr(self, f"norm_{k}", PersonalNorm())
+        self.out = nn.Dense(self.num_classes)
+
+    def features(self, x):
+        return self.layers[0](x.reshape(x.shape[0], -1))
+
+    def personal_head(self, h):
+        for k, layer in enumerate(self.layers):
+            if k:
+                h = layer(h)
+            h = nn.relu(getattr(self, f"norm_{k}")(h))
+        return self.out(h)
+
     def __call__(self, x):
-        x = x.reshape(x.shape[0], -1)
-        for k, width in enumerate(self.hidden):
-            x = nn.relu(PersonalNorm(name=f"norm_{k}")(nn.Dense(width)(x)))
-        return nn.Dense(self.num_classes)(x)
+        return self.personal_head(self.features(x))
 
 
 def mlp_head_model(

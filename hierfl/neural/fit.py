@@ -132,9 +132,7 @@ class NeuralFit:
         )
         return {"probs": np.asarray(probs)}
 
-    def adapt(
-        self, *, x, y, key=None, steps: int | None = None, learning_rate: float | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def adapt(self, *, x, y, key=None, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Cold start: a new client's personal posterior from its few labelled examples,
         under the learned prior, with no server round (see
         :func:`hierfl.neural.svi.adapt_personal`). Pass the result as ``posterior=`` to
@@ -156,8 +154,8 @@ class NeuralFit:
             x,
             jnp.asarray(y, dtype=jnp.int32),
             self._key(key, 2),
-            steps=steps or self.settings.adapt_steps,
-            learning_rate=learning_rate or self.settings.personal_learning_rate,
+            settings=self.settings,
+            steps=steps,
         )
         return np.asarray(mean), np.asarray(sd)
 

@@ -259,8 +259,7 @@ def cold_start(
                 x,
                 y,
                 k,
-                steps=fit.settings.adapt_steps,
-                learning_rate=fit.settings.personal_learning_rate,
+                settings=fit.settings,
             )
         )
     )

@@ -65,6 +65,27 @@ class NeuralModel:
         x = jnp.reshape(x, (x.shape[0], *self.input_shape))
         return self.module.apply({"params": shared, PERSONAL: personal}, x)
 
+    @property
+    def splits(self) -> bool:
+        """Whether the module has ``features`` and ``personal_head`` methods (see
+        :mod:`hierfl.neural.architectures`)."""
+        return hasattr(self.module, "features") and hasattr(self.module, "personal_head")
+
+    def features(self, shared: PyTree, x) -> jax.Array:
+        """The part of the network before the first personal parameter, ``h = g(x; w)``
+        (``x`` reshaped, unchanged, for a module without the split)."""
+        x = jnp.reshape(x, (x.shape[0], *self.input_shape))
+        if not self.splits:
+            return x
+        return self.module.apply({"params": shared}, x, method="features")
+
+    def head_logits(self, shared: PyTree, personal: PyTree, h) -> jax.Array:
+        """Logits from features ``h`` of :meth:`features`: ``logits(w, theta, x) ==
+        head_logits(w, theta, features(w, x))``."""
+        if not self.splits:
+            return self.logits(shared, personal, h)
+        return self.module.apply({"params": shared, PERSONAL: personal}, h, method="personal_head")
+
     def personal_size(self, key=None) -> int:
         """``P``, the length of the flattened personal vector."""
         _, personal = jax.eval_shape(self.init, jax.random.PRNGKey(0) if key is None else key)
