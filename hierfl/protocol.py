@@ -122,7 +122,7 @@ def map_clients(fn: Callable, keys, broadcast, client_states, client_data):
     if not isinstance(client_data, ClientGroups):
         return fn(keys, broadcast, client_states, client_data)
     outputs = []
-    for index, data in zip(client_data.indices, client_data.data):
+    for index, data in zip(client_data.indices, client_data.data, strict=True):
         rows = jnp.asarray(index)
         states = jax.tree_util.tree_map(lambda a, r=rows: a[r], client_states)
         outputs.append(fn(keys[rows], broadcast, states, data))

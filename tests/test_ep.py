@@ -190,8 +190,9 @@ def test_laplace_quadrature_integrates_client_parameters_out():
     """The inner integral of the nested Laplace: exact for a Gaussian, and for a Poisson
     log-normal integrand equal to brute-force quadrature on a fine grid."""
     grid, log_weights = (jnp.asarray(a) for a in ep.quadrature_grid(7, 1))
-    np.testing.assert_allclose(np.exp(jax.scipy.special.logsumexp(log_weights)), np.sqrt(2 * np.pi),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.exp(jax.scipy.special.logsumexp(log_weights)), np.sqrt(2 * np.pi), rtol=1e-5
+    )
 
     def gaussian(x):  # -log N(t; 0.3 phi, 0.5^2) without its normalizer, phi = x[0]
         return 0.5 * ((x[1] - 0.3 * x[0]) / 0.5) ** 2
@@ -243,22 +244,56 @@ def test_clients_grouped_by_size_give_the_same_fit():
     rng = np.random.default_rng(8)
     sizes = [2] * 8 + [90, 90]
     data = hf.ClientData.from_dict(
-        {f"c{i}": {"y": rng.normal(i % 3, 2.0, n), "sigma": np.full(n, 2.0)}
-         for i, n in enumerate(sizes)}
+        {
+            f"c{i}": {"y": rng.normal(i % 3, 2.0, n), "sigma": np.full(n, 2.0)}
+            for i, n in enumerate(sizes)
+        }
     )
     family = hf.NormalNormal(priors={"tau": dist.HalfNormal(2.0)})
     _, _, grouped, _ = ep.prepare(family.model, data, ep.EPSettings(tilted="laplace"))
     assert isinstance(grouped, hf.protocol.ClientGroups)
     assert [len(g) for g in grouped.indices] == [8, 2]
     fits = [
-        hf.fit(family, data, method="ep", tilted="laplace", num_rounds=6, num_samples=200,
-               size_groups=groups)
+        hf.fit(
+            family,
+            data,
+            method="ep",
+            tilted="laplace",
+            num_rounds=6,
+            num_samples=200,
+            size_groups=groups,
+        )
         for groups in (1, 3)
     ]
     np.testing.assert_allclose(
-        fits[0].diagnostics["history"]["mean"][-1], fits[1].diagnostics["history"]["mean"][-1],
-        rtol=1e-3, atol=1e-3,
+        fits[0].diagnostics["history"]["mean"][-1],
+        fits[1].diagnostics["history"]["mean"][-1],
+        rtol=1e-3,
+        atol=1e-3,
     )
+
+
+def test_synchronous_schedule_with_a_sequential_start():
+    """One sequential (ADF) sweep before the parallel rounds: same fixed point, recorded as
+    round 0."""
+    data = _normal_data(9)
+    family = hf.NormalNormal(priors={"mu": dist.Normal(0.0, 10.0), "tau": 1.0})
+    fit = hf.fit(
+        family,
+        data,
+        method="ep",
+        tilted="laplace",
+        num_rounds=8,
+        num_samples=200,
+        tol=1e-3,
+        sequential_start=True,
+    )
+    history = fit.diagnostics["history"]
+    mean, sd = _closed_form_mu(data, 1.0, 10.0)
+    # after the sweep alone the global mean is already close (ADF)
+    assert history["mean"][0][0] == pytest.approx(mean, abs=0.5 * sd)
+    assert history["mean"][-1][0] == pytest.approx(mean, abs=0.01 * sd)
+    assert history["sd"][-1][0] == pytest.approx(sd, rel=0.01)
 
 
 def test_bad_options_are_named():

@@ -144,6 +144,8 @@ MAX_ENERGY_SPREAD = 100.0
 MAX_ENERGY_SPREAD_PER_DIM = 10.0
 #: ridge added to the tilted covariance of phi in the finalize regression adjustment
 REGRESSION_JITTER = 1e-6
+#: the synchronous schedule opens with a sequential sweep from this many clients on
+SEQUENTIAL_START_FROM = 200
 #: group clients by size only when it cuts the padded rows at least this many times
 MIN_GROUPING_GAIN = 2.0
 #: rounds in a row below ``tol`` that count as converged
@@ -197,6 +199,10 @@ class EPSettings(NamedTuple):
         Synchronous schedule: clients are split into at most this many groups of similar
         size, each padded to its own largest client (one compiled program per group), when
         that cuts the padded rows by at least :data:`MIN_GROUPING_GAIN`.
+    sequential_start : bool or None
+        Synchronous schedule: open with one sequential sweep (assumed density filtering), so
+        that the parallel rounds start near the fixed point; default: with at least
+        :data:`SEQUENTIAL_START_FROM` clients.
     reparam : dict or None
         :func:`numpyro.handlers.reparam` configuration for the tilted problems (default for a
         conjugate family: its :meth:`reparam_config`, non-centred client sites).
@@ -220,6 +226,7 @@ class EPSettings(NamedTuple):
     moment_draws: int = 256
     quadrature_points: int | None = None
     size_groups: int = 3
+    sequential_start: bool | None = None
     reparam: dict | None = None
 
 
@@ -1212,7 +1219,12 @@ def prepare(model, data: ClientData, settings: EPSettings):
     problem = tilted_problem(
         model, sites, probe, int(first["mask"].shape[1]), data.num_clients, reparam=reparam
     )
-    steps = settings.num_rounds * (data.num_clients if settings.schedule == "sequential" else 1)
+    if settings.schedule == "sequential":
+        steps = settings.num_rounds * data.num_clients
+    else:  # room for an opening sequential sweep
+        steps = settings.num_rounds + data.num_clients * _sequential_start(
+            settings, data.num_clients
+        )
     algorithm = ep_algorithm(
         problem,
         num_clients=data.num_clients,
@@ -1290,51 +1302,21 @@ def run_ep(
             )
         return below[0] >= PATIENCE
 
-    if settings.schedule == "synchronous":
-
-        def on_round_hook(rec, server_state, client_states):
-            record(rec.round, rec.participants, rec.received, rec.server_info)
-            if on_round is not None:
-                on_round(rec, server_state, client_states)
-
-        result = simulate(
-            algorithm,
-            key,
-            client_data,
-            client_ids=client_ids,
-            num_rounds=settings.num_rounds,
-            participation=settings.participation,
-            dropout=settings.dropout,
-            corrupt=corrupt,
-            state=state,
-            start_round=start_round,
-            converged=lambda info: below[0] >= PATIENCE,
-            on_round=on_round_hook,
-            progress=False,
-        )
-        if bar is not None:
-            bar.close()
-        return EPRun(
-            result.server_state,
-            result.client_states,
-            result.personal,
-            result.rounds,
-            result.skips,
-            history,
-            converged_at[0],
-        )
-
-    # sequential schedule: the same pure functions, one client after another
     init_key, run_key, final_key = jax.random.split(key, 3)
     num_clients = len(client_ids)
     if state is None:
         server_state, client_states = algorithm.init(init_key, client_data)
     else:
         server_state, client_states = state
-    sweep = jax.jit(lambda k, s, c, w: _sequential_round(algorithm, None, k, s, c, client_data, w))
     skips: list[SkipRecord] = []
-    rounds = []
-    for round_index in range(start_round, settings.num_rounds):
+    rounds: list = []
+    sweep_data = _stack_groups(client_data)
+    sweep = jax.jit(lambda k, s, c, w: _sequential_round(algorithm, None, k, s, c, sweep_data, w))
+
+    def sequential_round(round_index, server_state, client_states):
+        """One sweep of the clients in random order; returns the states and whether to stop."""
+        from ..protocol import RoundRecord
+
         round_key = jax.random.fold_in(run_key, round_index)
         pick_key, drop_key, sweep_key = jax.random.split(round_key, 3)
         asked = np.array(jax.random.uniform(pick_key, (num_clients,)) < settings.participation)
@@ -1365,13 +1347,59 @@ def run_ep(
             jnp.min(applied),
             int(working.sum() - np.asarray(invalid).sum()),
         )
-        from ..protocol import RoundRecord
-
         rec = RoundRecord(round_index, int(working.sum()), int(info.received), info)
         rounds.append(rec)
         stop = record(round_index, rec.participants, rec.received, info)
         if on_round is not None:
             on_round(rec, server_state, client_states)
+        return server_state, client_states, stop
+
+    if settings.schedule == "synchronous":
+        stop = False
+        if start_round == 0 and _sequential_start(settings, num_clients):
+            # one assumed-density-filtering sweep first: from a wide initial approximation,
+            # clients working in parallel each measure their curvature far from the fixed
+            # point and their summed change overshoots (badly so for many clients)
+            server_state, client_states, stop = sequential_round(0, server_state, client_states)
+            start_round = 1
+
+        def on_round_hook(rec, server_state, client_states):
+            record(rec.round, rec.participants, rec.received, rec.server_info)
+            if on_round is not None:
+                on_round(rec, server_state, client_states)
+
+        result = simulate(
+            algorithm,
+            key,
+            client_data,
+            client_ids=client_ids,
+            num_rounds=start_round if stop else settings.num_rounds,
+            participation=settings.participation,
+            dropout=settings.dropout,
+            corrupt=corrupt,
+            state=(server_state, client_states),
+            start_round=start_round,
+            converged=lambda info: below[0] >= PATIENCE,
+            on_round=on_round_hook,
+            progress=False,
+        )
+        if bar is not None:
+            bar.close()
+        return EPRun(
+            result.server_state,
+            result.client_states,
+            result.personal,
+            rounds + list(result.rounds),
+            skips + list(result.skips),
+            history,
+            converged_at[0],
+        )
+
+    # sequential schedule: the same pure functions, one client after another
+    for round_index in range(start_round, settings.num_rounds):
+        server_state, client_states, stop = sequential_round(
+            round_index, server_state, client_states
+        )
         if stop:
             break
     if bar is not None:
@@ -1386,6 +1414,34 @@ def run_ep(
         client_data,
     )
     return EPRun(server_state, client_states, personal, rounds, skips, history, converged_at[0])
+
+
+def _sequential_start(settings: EPSettings, num_clients: int) -> bool:
+    """Whether the synchronous schedule opens with one sequential sweep."""
+    if settings.sequential_start is None:
+        return num_clients >= SEQUENTIAL_START_FROM
+    return bool(settings.sequential_start)
+
+
+def _stack_groups(client_data):
+    """Stacked client data in client order (groups padded to the widest one)."""
+    if not isinstance(client_data, ClientGroups):
+        return client_data
+    width = max(int(d["mask"].shape[1]) for d in client_data.data)
+
+    def pad(a, mode):
+        widths = [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
+        return jnp.pad(a, widths, mode=mode)
+
+    parts = [
+        {
+            "fields": {k: pad(v, "edge") for k, v in d["fields"].items()},
+            "mask": pad(d["mask"], "constant"),
+        }
+        for d in client_data.data
+    ]
+    order = jnp.asarray(np.argsort(np.concatenate(client_data.indices)))
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[order], *parts)
 
 
 def fit_ep(
