@@ -145,7 +145,7 @@ MAX_ENERGY_SPREAD_PER_DIM = 10.0
 #: ridge added to the tilted covariance of phi in the finalize regression adjustment
 REGRESSION_JITTER = 1e-6
 #: the synchronous schedule opens with a sequential sweep from this many clients on
-SEQUENTIAL_START_FROM = 200
+SEQUENTIAL_START_FROM = 50
 #: group clients by size only when it cuts the padded rows at least this many times
 MIN_GROUPING_GAIN = 2.0
 #: rounds in a row below ``tol`` that count as converged
