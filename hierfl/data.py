@@ -394,7 +394,7 @@ class ClientData:
 
         >>> data = ClientData.from_dict({c: {"y": np.zeros(n)} for c, n in
         ...                              zip("abcd", [2, 30, 3, 31])})
-        >>> [list(g) for g in data.size_groups(2)]
+        >>> [g.tolist() for g in data.size_groups(2)]
         [[0, 2], [1, 3]]
         """
         sizes = self._sizes
