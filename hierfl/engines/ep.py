@@ -686,16 +686,7 @@ def _laplace(potential, x0, settings: EPSettings, phi_dim: int, key, num_draws: 
         precision = _symmetrize(jax.hessian(potential)(mode))
         chol = jnp.linalg.cholesky(_inverse(precision))
         draws = mode + jax.random.normal(key, (num_draws, phi_dim), mode.dtype) @ chol.T
-        return TiltedResult(
-            precision,
-            precision @ mode,
-            draws,
-            mode,
-            chol,
-            jnp.asarray(1.0, mode.dtype),
-            jnp.asarray(0, jnp.int32),
-            jnp.asarray(False),
-        )
+        return _laplace_result(precision, mode, draws, mode, chol)
     points = quadrature_points(local_dim, settings.quadrature_points)
     grid, log_weights = (jnp.asarray(a, x0.dtype) for a in quadrature_grid(points, local_dim))
     t0 = x0[phi_dim:]
@@ -734,13 +725,18 @@ def _laplace(potential, x0, settings: EPSettings, phi_dim: int, key, num_draws: 
         + jax.scipy.linalg.solve_triangular(local_chol.T, noise.T, lower=False).T
     )
     draws = jnp.concatenate([phis, locals_], axis=1)
+    return _laplace_result(precision, mode, draws, position, scale)
+
+
+def _laplace_result(precision, mean, draws, position, scale) -> TiltedResult:
+    """A Gaussian tilted result: no step size, no divergences, no Stein estimate."""
     return TiltedResult(
         precision,
-        precision @ mode,
+        precision @ mean,
         draws,
         position,
         scale,
-        jnp.asarray(1.0, mode.dtype),
+        jnp.asarray(1.0, mean.dtype),
         jnp.asarray(0, jnp.int32),
         jnp.asarray(False),
     )
