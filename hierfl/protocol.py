@@ -16,6 +16,10 @@ the spirit of BlackJAX's ``(init, step)`` and FedJAX's ``federated_algorithm``:
     every other row.
 ``client_finalize(key, broadcast, client_state, client_data) -> personal``
     The client's personal posterior against the final global state; it stays on the client.
+    An algorithm whose ``client_update`` already computes it sets ``personal_in_info``: the
+    update's ``info`` then has a ``personal`` field, and drivers finalize by one more
+    ``client_update`` against the final broadcast (its message is dropped), so that one
+    compiled program serves both.
 ``validate_message(message) -> ok`` or ``validate_message(message, broadcast) -> ok``
     Algorithm-specific check of one message (e.g. positive definiteness), returning a
     boolean scalar; a check with two parameters also gets this round's broadcast (e.g. the
@@ -43,6 +47,7 @@ __all__ = [
     "SimulationResult",
     "SkipRecord",
     "algorithm_schema",
+    "finalize_clients",
     "map_clients",
     "message_schema",
     "simulate",
@@ -61,6 +66,16 @@ class FederatedAlgorithm(NamedTuple):
     server_update: Callable[..., tuple[PyTree, PyTree]]
     client_finalize: Callable[..., PyTree]
     validate_message: Callable[[PyTree], Any] | None = None
+    personal_in_info: bool = False
+
+
+def finalize_clients(algorithm: FederatedAlgorithm, vmapped_update, keys, broadcast,
+                     client_states, client_data):
+    """Every client's personal posterior against ``broadcast`` (see ``personal_in_info``)."""
+    if algorithm.personal_in_info:
+        return map_clients(vmapped_update, keys, broadcast, client_states, client_data)[2].personal
+    return map_clients(jax.jit(jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0))),
+                       keys, broadcast, client_states, client_data)
 
 
 class SkipRecord(NamedTuple):
@@ -324,7 +339,6 @@ def simulate(
         bar.close()
     broadcast = algorithm.broadcast(server_state)
     final_keys = jax.random.split(final_key, num_clients)
-    personal = map_clients(
-        jax.jit(jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0))),
-        final_keys, broadcast, client_states, client_data)
+    personal = finalize_clients(algorithm, vmapped_update, final_keys, broadcast, client_states,
+                                client_data)
     return SimulationResult(server_state, client_states, personal, rounds, skips)

@@ -115,7 +115,8 @@ def _tree_equal(a, b):
 # ---------------------------------------------------------------------- shape of the protocol
 def test_algorithm_is_a_namedtuple_of_pure_functions():
     assert FederatedAlgorithm._fields == ("init", "broadcast", "client_update", "server_update",
-                                          "client_finalize", "validate_message")
+                                          "client_finalize", "validate_message",
+                                          "personal_in_info")
     for name in ("SkipRecord", "RoundRecord", "SimulationResult"):
         assert issubclass(globals()[name], tuple) and hasattr(globals()[name], "_fields")
 

@@ -98,7 +98,7 @@ from numpyro.primitives import Messenger
 
 from ..data import ClientData, ModelData
 from ..fit import Fit, ModelSites, StoredClientSamples, inspect_model
-from ..protocol import ClientGroups, SkipRecord, map_clients, simulate
+from ..protocol import ClientGroups, SkipRecord, finalize_clients, simulate
 from .globals_inference import unconstrained
 
 __all__ = [
@@ -131,6 +131,9 @@ SYMMETRY_TOLERANCE = 1e-3
 #: most Newton steps for a client's own parameters given ``phi`` (Laplace tilted inference;
 #: warm-started, usually a convex problem)
 INNER_NEWTON_STEPS = 20
+#: Newton's line search accepts a step that raises the potential by at most this many float
+#: epsilons (relative to the potential's size)
+SEARCH_SLACK = 8.0
 #: damped Newton: most halvings of the step, and the predicted gain in log density below
 #: which it stops
 MAX_HALVINGS, NEWTON_TOL = 12, 1e-6
@@ -294,6 +297,7 @@ class ClientInfo(NamedTuple):
     cavity_power: Any
     divergences: Any
     used_stein: Any
+    personal: Any  # what ``client_finalize`` returns against this round's broadcast
 
 
 # ---------------------------------------------------------------------------- tilted problem
@@ -539,33 +543,53 @@ class TiltedResult(NamedTuple):
     used_stein: Any
 
 
-def _newton(potential, x0, num_steps: int, derivatives=None, max_halvings: int = MAX_HALVINGS):
-    """Damped Newton from ``x0``: eigenvalue-floored Hessian, backtracking line search.
+def _newton(
+    potential,
+    x0,
+    num_steps: int,
+    derivatives=None,
+    max_halvings: int = MAX_HALVINGS,
+    with_curvature: bool = False,
+):
+    r"""Damped Newton from ``x0``: eigenvalue-floored Hessian, backtracking line search.
 
-    Stops after ``num_steps`` steps, when half the squared Newton decrement
-    :math:`g^\top H^{-1} g / 2` (the predicted gain in log density) is below
-    :data:`NEWTON_TOL`, or when no step of the line search (halving up to ``max_halvings``
-    times) improves the potential. ``derivatives(x) -> (value, gradient, hessian)``
-    (default: automatic differentiation of ``potential``); ``potential`` alone is used in the
-    line search.
+    Stops where half the squared Newton decrement :math:`g^\top H^{-1} g / 2` (the predicted
+    gain in log density) is below :data:`NEWTON_TOL`, after ``num_steps`` steps, or when no
+    step of the line search (halving up to ``max_halvings`` times) improves the potential.
+    ``derivatives(x) -> (value, gradient, hessian, aux)`` (default: automatic
+    differentiation of ``potential``, no ``aux``); ``potential`` alone is used in the line
+    search. The derivatives are taken once per point visited, the last one included, so a
+    warm start that is already at the mode costs one evaluation; within the tolerance the
+    final (tiny) Newton step is taken without a line search.
+
+    With ``with_curvature`` it returns ``(mode, hessian, aux)``, the Hessian and ``aux``
+    taken at the last point visited (one tiny step from the returned mode).
     """
     if derivatives is None:
 
         def derivatives(x):
             value, grad = jax.value_and_grad(potential)(x)
-            return value, grad, jax.hessian(potential)(x)
+            return value, grad, jax.hessian(potential)(x), ()
 
-    def direction_of(x):
-        value, grad, hessian = derivatives(x)
+    def look(x):
+        """Derivatives at ``x``, the Newton direction, and whether Newton is done there."""
+        value, grad, hessian, aux = derivatives(x)
         eigenvalues, vectors = jnp.linalg.eigh(_symmetrize(hessian))
         floor = EIGEN_FLOOR * jnp.maximum(1.0, jnp.max(jnp.abs(eigenvalues)))
         direction = vectors @ ((vectors.T @ grad) / jnp.maximum(jnp.abs(eigenvalues), floor))
-        return value, direction, 0.5 * grad @ direction
+        usable = jnp.all(jnp.isfinite(direction)) & jnp.isfinite(value)
+        converged = usable & (0.5 * grad @ direction < NEWTON_TOL)
+        done = ~usable | converged
+        return value, jnp.where(usable, direction, 0.0), done, hessian, aux, converged
 
     def search(x, value, direction):
+        # a step is accepted when the potential does not rise by more than its float32
+        # resolution: near the mode the true gain is below what the comparison can resolve
+        slack = SEARCH_SLACK * jnp.finfo(x.dtype).eps * (1.0 + jnp.abs(value))
+
         def not_better(carry):
             halvings, candidate_value = carry
-            return (halvings <= max_halvings) & ~(candidate_value < value)
+            return (halvings <= max_halvings) & ~(candidate_value <= value + slack)
 
         def halve(carry):
             halvings, _ = carry
@@ -573,22 +597,34 @@ def _newton(potential, x0, num_steps: int, derivatives=None, max_halvings: int =
 
         first = (jnp.asarray(0), potential(x - direction))
         halvings, candidate_value = jax.lax.while_loop(not_better, halve, first)
-        return x - 0.5**halvings * direction, candidate_value < value
+        return x - 0.5**halvings * direction, candidate_value <= value + slack
 
     def keep_going(carry):
-        step, _, done = carry
-        return (step < num_steps) & ~done
+        step, _, seen = carry
+        return (step < num_steps) & ~seen[2]
 
     def newton(carry):
-        step, x, _ = carry
-        value, direction, gain = direction_of(x)
-        usable = jnp.all(jnp.isfinite(direction)) & jnp.isfinite(value)
-        candidate, improved = search(x, value, jnp.where(usable, direction, 0.0))
-        moved = usable & improved
-        done = ~moved | (gain < NEWTON_TOL)
-        return step + 1, jnp.where(moved, candidate, x), done
+        step, x, seen = carry
+        # the first pass only takes derivatives at x0 (its "search" accepts x0 itself), so
+        # that the derivatives appear once in the compiled program
+        candidate, improved = search(x, seen[0], seen[1])
+        x = jnp.where(improved, candidate, x)
+        # no improvement: stay, keeping the derivatives already taken there
+        stay = seen[:2] + (jnp.asarray(True),) + seen[3:5] + (jnp.asarray(False),)
+        seen = jax.tree_util.tree_map(lambda a, b: jnp.where(improved, a, b), look(x), stay)
+        return step + 1, x, seen
 
-    _, mode, _ = jax.lax.while_loop(keep_going, newton, (jnp.asarray(0), x0, jnp.asarray(False)))
+    shapes = jax.eval_shape(look, x0)
+    blank = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    start = (jnp.asarray(jnp.inf, shapes[0].dtype),) + blank[1:]
+    _, x, (_, direction, _, hessian, aux, converged) = jax.lax.while_loop(
+        keep_going, newton, (jnp.asarray(-1), x0, start)
+    )
+    # within the tolerance the last Newton step is tiny and safe without a line search (whose
+    # comparison of potentials could no longer resolve the gain in float32)
+    mode = jnp.where(converged, x - direction, x)
+    if with_curvature:
+        return mode, hessian, aux
     return mode
 
 
@@ -696,17 +732,19 @@ def _laplace(potential, x0, settings: EPSettings, phi_dim: int, key, num_draws: 
 
     def derivatives(phi):
         q = quadrature(phi)
-        return (q.value, *_marginal_derivatives(potential, phi, q))
+        gradient, hessian = _marginal_derivatives(potential, phi, q)
+        return q.value, gradient, hessian, q.mode
 
-    mode = _newton(
+    # the precision is the marginal's Hessian where Newton last took derivatives (within one
+    # converged step of the mode), and the client's own mode is the inner mode there
+    mode, precision, local_mode = _newton(
         lambda phi: quadrature(phi).value,
         x0[:phi_dim],
         settings.newton_steps,
         derivatives=derivatives,
+        with_curvature=True,
     )
-    q = quadrature(mode)
-    _, precision = _marginal_derivatives(potential, mode, q)
-    position = jnp.concatenate([mode, q.mode])
+    position = jnp.concatenate([mode, local_mode])
     joint = _symmetrize(jax.hessian(potential)(position))
     scale = jnp.linalg.cholesky(_inverse(joint))
     # draws: phi from the Laplace marginal; the client's own parameters from their Gaussian
@@ -720,7 +758,7 @@ def _laplace(potential, x0, settings: EPSettings, phi_dim: int, key, num_draws: 
     local_chol = jnp.linalg.cholesky(local_precision)
     noise = jax.random.normal(local_key, (num_draws, local_dim), mode.dtype)
     locals_ = (
-        q.mode
+        local_mode
         + (phis - mode) @ slope.T
         + jax.scipy.linalg.solve_triangular(local_chol.T, noise.T, lower=False).T
     )
@@ -969,9 +1007,14 @@ def ep_algorithm(
         def noncavity(x):
             return problem.potential(x, fields, mask)
 
+        # the cavity term centred at the cavity mean (the same up to a constant):
+        # phi' C phi / 2 - c' phi cancels badly in float32 when C is the precision of many
+        # clients' data, and hides the small changes the line searches must see
+        cavity_mean = jnp.linalg.solve(cavity[0], cavity[1])
+
         def potential(x):
-            phi = x[:d]
-            return noncavity(x) + 0.5 * phi @ cavity[0] @ phi - cavity[1] @ phi
+            offset = x[:d] - cavity_mean
+            return noncavity(x) + 0.5 * offset @ cavity[0] @ offset
 
         if settings.tilted == "laplace":
             result = _laplace(potential, state.position, settings, d, key, num_draws)
@@ -1025,7 +1068,10 @@ def ep_algorithm(
             step_size,
             power,
         )
-        return new_state, change, ClientInfo(power, result.divergences, result.used_stein)
+        info = ClientInfo(
+            power, result.divergences, result.used_stein, personal_of(result, bc, data)
+        )
+        return new_state, change, info
 
     @jax.jit
     def server_update(key, state: EPServerState, messages: EPMessage, received):
@@ -1062,9 +1108,10 @@ def ep_algorithm(
         )
         return new_state, info
 
-    @jax.jit
-    def client_finalize(key, bc: EPBroadcast, state: EPClientState, data):
-        result, _, _ = tilted(key, bc, state, data, settings.num_samples)
+    def personal_of(result: TiltedResult, bc: EPBroadcast, data):
+        """Constrained personal draws from a tilted result: the client's own sites
+        regression-adjusted towards the global draws of ``phi``, every other site evaluated
+        at the global draws."""
         global_draws = _global_draws(bc, settings.num_samples)
         draws = result.draws
         phi_tilted, local = draws[:, :d], draws[:, d:]
@@ -1089,8 +1136,19 @@ def ep_algorithm(
                 values[name] = global_values[name]
         return values
 
+    def client_finalize(key, bc: EPBroadcast, state: EPClientState, data):
+        """The personal posterior: the client's tilted inference against ``bc`` (the same
+        computation as :func:`client_update`, whose ``info.personal`` it is)."""
+        return client_update(key, bc, state, data)[2].personal
+
     return FederatedAlgorithm(
-        init, broadcast, client_update, server_update, client_finalize, validate_message
+        init,
+        broadcast,
+        client_update,
+        server_update,
+        client_finalize,
+        validate_message,
+        personal_in_info=True,
     )
 
 
@@ -1402,8 +1460,9 @@ def run_ep(
         bar.close()
     bc = algorithm.broadcast(server_state)
     final_keys = jax.random.split(final_key, num_clients)
-    personal = map_clients(
-        jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0)),
+    personal = finalize_clients(
+        algorithm,
+        jax.jit(jax.vmap(algorithm.client_update, in_axes=(0, None, 0, 0))),
         final_keys,
         bc,
         client_states,
