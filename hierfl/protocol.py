@@ -247,6 +247,7 @@ def simulate(
     converged: Callable[[PyTree], bool] | None = None,
     on_round: Callable[[RoundRecord, PyTree, PyTree], None] | None = None,
     progress: bool | str = False,
+    final_broadcast: Callable[[PyTree], PyTree] | None = None,
 ) -> SimulationResult:
     """Run a federated algorithm in process.
 
@@ -283,6 +284,9 @@ def simulate(
         Called after every round with the record and the new states (e.g. to checkpoint).
     progress : bool or str
         Show a progress bar (the string is its description).
+    final_broadcast : callable, optional
+        ``final_broadcast(server_state) -> broadcast`` the personal posteriors are taken
+        against (default ``algorithm.broadcast``; e.g. an averaged approximation).
     """
     init_key, run_key, final_key = jax.random.split(key, 3)
     num_clients = len(client_ids)
@@ -337,7 +341,8 @@ def simulate(
             break
     if bar is not None:
         bar.close()
-    broadcast = algorithm.broadcast(server_state)
+    broadcast = (algorithm.broadcast if final_broadcast is None else final_broadcast)(
+        server_state)
     final_keys = jax.random.split(final_key, num_clients)
     personal = finalize_clients(algorithm, vmapped_update, final_keys, broadcast, client_states,
                                 client_data)

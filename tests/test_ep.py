@@ -83,7 +83,7 @@ def test_fit_object_schema(gaussian_fit):
 
 def _sum_of_sites(server_state, client_states):
     """Sum of the clients' current sites (committed + applied fraction of pending)."""
-    bc = ep.EPBroadcast(*server_state)
+    bc = ep.EPBroadcast(*server_state[: len(ep.EPBroadcast._fields)])
     sites = jax.vmap(ep._commit, in_axes=(0, None))(client_states, bc)
     return np.asarray(sites[0].sum(0)), np.asarray(sites[1].sum(0))
 
@@ -368,3 +368,29 @@ def test_nuts_tilted_matches_exact_on_conjugate_family():
     for name in ("mu", "tau"):
         a, b = exact.global_samples[name], fit.global_samples[name]
         assert abs(b.mean() - a.mean()) < 0.25 * a.std(), name
+
+
+def test_average_from_is_the_mean_of_the_rounds_natural_parameters():
+    """Polyak averaging: the returned approximation averages the global natural parameters
+    of the rounds from ``average_from`` on (here with the deterministic Laplace, so the
+    per-round approximations are known exactly from the history)."""
+    data = _normal_data()
+    family = hf.NormalNormal(priors={"mu": dist.Normal(0.0, 10.0), "tau": 1.0})
+    fit = hf.fit(
+        family, data, method="ep", tilted="laplace", num_rounds=5, tol=0.0, average_from=1,
+        num_samples=4000,
+    )
+    history = fit.diagnostics["history"]
+    assert fit.diagnostics["averaged_updates"] == 4
+    precision = np.array([1.0 / s[0] ** 2 for s in history["sd"][1:]])
+    shift = np.array([m[0] / s[0] ** 2 for m, s in zip(history["mean"][1:], history["sd"][1:])])
+    server = fit.diagnostics["state"][0]
+    np.testing.assert_allclose(server.average_precision[0, 0], precision.mean(), rtol=1e-4)
+    np.testing.assert_allclose(server.average_shift[0], shift.mean(), rtol=1e-4)
+    # the fit's global draws come from the averaged Gaussian, not the last round's
+    bc = ep.final_broadcast(server)
+    mean, sd = shift.mean() / precision.mean(), precision.mean() ** -0.5
+    assert float(bc.shift[0] / bc.precision[0, 0]) == pytest.approx(mean, rel=1e-4)
+    draws = fit.global_samples["mu"].reshape(-1)
+    assert draws.mean() == pytest.approx(mean, abs=4 * sd / np.sqrt(draws.size))
+    assert abs(mean - history["mean"][-1][0]) > 0.02 * sd  # not the last round's

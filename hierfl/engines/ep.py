@@ -110,6 +110,7 @@ __all__ = [
     "EPSettings",
     "TiltedProblem",
     "ep_algorithm",
+    "final_broadcast",
     "fit_ep",
     "tilted_moments",
     "tilted_problem",
@@ -157,7 +158,7 @@ PATIENCE = 2
 DEFAULT_TOL = {"laplace": 0.02, "nuts": 0.05, "svi": 0.05}
 #: Laplace tilted inference: most Gauss-Hermite points per client dimension, and most
 #: points in the tensor grid over the client's own parameters
-MAX_QUADRATURE_POINTS, QUADRATURE_BUDGET = 7, 81
+MAX_QUADRATURE_POINTS, QUADRATURE_BUDGET = 5, 81
 
 
 # ---------------------------------------------------------------------------- settings
@@ -206,6 +207,14 @@ class EPSettings(NamedTuple):
         Synchronous schedule: open with one sequential sweep (assumed density filtering), so
         that the parallel rounds start near the fixed point; default: with at least
         :data:`SEQUENTIAL_START_FROM` clients.
+    average_from : int or None
+        The fit's global approximation (and the personal posteriors taken against it) is the
+        average of the global natural parameters over the rounds from this one on
+        (Polyak-Ruppert averaging of the Monte Carlo noise of stochastic tilted inference);
+        the rounds and the stopping rule use the current approximation. Default: half of
+        ``num_rounds`` for ``nuts`` and ``svi``, no averaging for the deterministic
+        ``laplace``. With the sequential schedule every update of a round from this one on
+        is averaged.
     reparam : dict or None
         :func:`numpyro.handlers.reparam` configuration for the tilted problems (default for a
         conjugate family: its :meth:`reparam_config`, non-centred client sites).
@@ -230,6 +239,7 @@ class EPSettings(NamedTuple):
     quadrature_points: int | None = None
     size_groups: int = 3
     sequential_start: bool | None = None
+    average_from: int | None = None
     reparam: dict | None = None
 
 
@@ -261,6 +271,9 @@ class EPServerState(NamedTuple):
     step: Any  # int32 []  number of server updates so far
     applied_scale: Any  # [max_steps] fraction of each step's summed change applied
     draw_key: Any  # PRNG key of the final global draws (the same for every client)
+    average_precision: Any  # [d, d] running average of the global natural parameters ...
+    average_shift: Any  # [d] ... over the updates from ``average_from`` on
+    average_count: Any  # int32 [] updates in the average
 
 
 class EPBroadcast(NamedTuple):
@@ -959,6 +972,7 @@ def ep_algorithm(
         raise ValueError(f"tilted must be 'laplace', 'nuts' or 'svi', got {settings.tilted!r}")
     d, dim = problem.phi_dim, problem.dim
     max_steps = int(max_steps or settings.num_rounds)
+    average_start = _average_start(settings, num_clients)
     powers = jnp.concatenate([2.0 ** -jnp.arange(CAVITY_STEPS), jnp.zeros(1)])
     scales = jnp.concatenate([2.0 ** -jnp.arange(BACKOFF_STEPS), jnp.zeros(1)])
 
@@ -990,12 +1004,21 @@ def ep_algorithm(
             position=INITIAL_JITTER * jax.random.normal(jitter_key, (num_clients, dim))
         )
         server = EPServerState(
-            eye / INITIAL_SCALE**2, jnp.zeros(d), jnp.array(0, jnp.int32), jnp.ones(max_steps), key
+            eye / INITIAL_SCALE**2,
+            jnp.zeros(d),
+            jnp.array(0, jnp.int32),
+            jnp.ones(max_steps),
+            key,
+            jnp.zeros((d, d)),
+            jnp.zeros(d),
+            jnp.array(0, jnp.int32),
         )
         return _strong(server), clients
 
     def broadcast(state: EPServerState) -> EPBroadcast:
-        return EPBroadcast(*state)
+        return EPBroadcast(
+            state.precision, state.shift, state.step, state.applied_scale, state.draw_key
+        )
 
     def tilted(key, bc: EPBroadcast, state: EPClientState, data, num_draws: int):
         site_precision, site_shift = _commit(state, bc)
@@ -1099,12 +1122,18 @@ def ep_algorithm(
             jnp.sum(received),
         )
         index = jnp.clip(state.step, 0, max_steps - 1)
+        averaged = state.step >= average_start
+        count = state.average_count + averaged.astype(jnp.int32)
+        rate = jnp.where(averaged, 1.0 / jnp.maximum(count, 1), 0.0)
         new_state = EPServerState(
             precision,
             shift,
             state.step + 1,
             state.applied_scale.at[index].set(applied),
             state.draw_key,
+            state.average_precision + rate * (precision - state.average_precision),
+            state.average_shift + rate * (shift - state.average_shift),
+            count,
         )
         return new_state, info
 
@@ -1149,6 +1178,33 @@ def ep_algorithm(
         client_finalize,
         validate_message,
         personal_in_info=True,
+    )
+
+
+def _average_start(settings: EPSettings, num_clients: int) -> int:
+    """Index of the first server update in the averaged approximation (``average_from``)."""
+    start = settings.average_from
+    if start is None:
+        start = settings.num_rounds // 2 if settings.tilted in ("nuts", "svi") else None
+    if start is None:
+        return np.iinfo(np.int32).max
+    start = max(int(start), 0)
+    if settings.schedule == "sequential":
+        return start * num_clients
+    # the opening sequential sweep (round 0) makes one update per client
+    return start + (num_clients - 1 if _sequential_start(settings, num_clients) and start else 0)
+
+
+def final_broadcast(state: EPServerState) -> EPBroadcast:
+    """The broadcast the personal posteriors are taken against: the averaged global
+    approximation where there is one (see ``EPSettings.average_from``), else the current."""
+    use = state.average_count > 0
+    return EPBroadcast(
+        jnp.where(use, state.average_precision, state.precision),
+        jnp.where(use, state.average_shift, state.shift),
+        state.step,
+        state.applied_scale,
+        state.draw_key,
     )
 
 
@@ -1436,6 +1492,7 @@ def run_ep(
             converged=lambda info: below[0] >= PATIENCE,
             on_round=on_round_hook,
             progress=False,
+            final_broadcast=final_broadcast,
         )
         if bar is not None:
             bar.close()
@@ -1458,7 +1515,7 @@ def run_ep(
             break
     if bar is not None:
         bar.close()
-    bc = algorithm.broadcast(server_state)
+    bc = final_broadcast(server_state)
     final_keys = jax.random.split(final_key, num_clients)
     personal = finalize_clients(
         algorithm,
@@ -1533,11 +1590,13 @@ def fit_ep(
     Returns
     -------
     Fit
-        Global draws from the final Gaussian (through the constraining transforms), personal
-        draws from each client's final tilted inference; ``diagnostics`` holds ``history``
-        (per round: global means and sds of the unconstrained ``phi``, changes, back-off,
-        messages received, seconds), ``skips``, ``rounds``, ``converged_round``, ``state``
-        (a checkpoint) and ``bytes_per_message``.
+        Global draws from the final Gaussian (averaged over the last rounds for stochastic
+        tilted inference, see ``average_from``; through the constraining transforms),
+        personal draws from each client's final tilted inference against it;
+        ``diagnostics`` holds ``history`` (per round: global means and sds of the
+        unconstrained ``phi``, changes, back-off, messages received, seconds), ``skips``,
+        ``rounds``, ``converged_round``, ``state`` (a checkpoint), ``bytes_per_message`` and
+        ``averaged_updates``.
     """
     from ..families import ConjugateFamily
 
@@ -1593,6 +1652,7 @@ def fit_ep(
         "phi_dim": d,
         "num_draws": num_draws,
         "run_seconds": time.perf_counter() - start,
+        "averaged_updates": int(run.server_state.average_count),
     }
     return Fit(
         "ep",
