@@ -10,6 +10,7 @@ pytest.importorskip("optax")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from conftest import x64  # noqa: E402
 
 import hierfl as hf  # noqa: E402
 from hierfl.neural import (  # noqa: E402
@@ -22,8 +23,11 @@ from hierfl.neural import (  # noqa: E402
 )
 from hierfl.neural import baselines as bl  # noqa: E402
 from hierfl.neural.svi import (  # noqa: E402
+    TAU2_PRIOR,
+    determined_share,
     fit_personal,
     ggn_diagonal,
+    hyperparameter_update,
     map_objective,
     personal_objective,
     stack_client_data,
@@ -127,6 +131,175 @@ def test_no_recompilation_on_second_round():
     # the simulator traces once to compile the vmapped update (and may trace once more for
     # the message schema); later rounds must reuse the compiled update
     assert traces_for(3) == traces_for(1) <= 2
+
+
+def _closed_form_em(m, s, a, b):
+    """The variational EM update of ``(mu, tau)`` written out with NumPy."""
+    mu = m.mean(axis=0)
+    tau2 = (np.sum((m - mu) ** 2 + s**2, axis=0) + 2 * b) / (m.shape[0] + 2 * a + 2)
+    return mu, np.sqrt(tau2)
+
+
+def test_server_m_step_is_the_closed_form_em_update():
+    """``server_update`` (EM rule) from the clients' messages, only the received ones, equals
+    ``mu = mean m_i``, ``tau^2 = (sum[(m_i - mu)^2 + s_i^2] + 2b) / (K + 2a + 2)``."""
+    model = _model()
+    data = _data(num_clients=5)
+    stacked = stack_client_data(model, data)
+    algorithm = svi_algorithm(
+        model, settings=SVISettings(local_steps=2, batch_size=8, elbo_steps=5, hyper_update="em")
+    )
+    server, clients = algorithm.init(jax.random.PRNGKey(0), stacked)
+    keys = jax.random.split(jax.random.PRNGKey(1), data.num_clients)
+    vmapped = jax.vmap(algorithm.client_update, in_axes=(0, None, 0, 0))
+    _, messages, _ = vmapped(keys, algorithm.broadcast(server), clients, stacked)
+    # a constructed spread of client posteriors, so the update has something to fit
+    rng = np.random.default_rng(0)
+    num, size = messages["mean"].shape
+    m = rng.normal(0.3, 0.8, size=(num, size)).astype(np.float32)
+    s = rng.uniform(0.05, 0.6, size=(num, size)).astype(np.float32)
+    messages = {
+        **messages,
+        "mean": jnp.asarray(m),
+        "mean_square": jnp.asarray(m**2),
+        "variance": jnp.asarray(s**2),
+        "determined": determined_share(jnp.asarray(s), server.tau),
+    }
+    received = np.array([True, False, True, True, True])
+    new, info = algorithm.server_update(
+        jax.random.PRNGKey(2), server, messages, jnp.asarray(received)
+    )
+    mu, tau = _closed_form_em(
+        m[received].astype(np.float64), s[received].astype(np.float64), *TAU2_PRIOR
+    )
+    np.testing.assert_allclose(new.mu, mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.tau, tau, rtol=1e-5)
+    assert float(info.received) == 4
+    # the hyperprior's pseudo-counts, with a proper inverse gamma IG(2, 0.3)
+    prior = (2.0, 0.3)
+    em_mu, em_tau = hyperparameter_update(
+        server.mu,
+        server.tau,
+        count=jnp.float32(num),
+        mean_sum=jnp.asarray(m.sum(0)),
+        mean_square_sum=jnp.asarray((m**2).sum(0)),
+        variance_sum=jnp.asarray((s**2).sum(0)),
+        determined_sum=jnp.zeros(size),
+        rule="em",
+        prior=prior,
+    )
+    mu, tau = _closed_form_em(m.astype(np.float64), s.astype(np.float64), *prior)
+    np.testing.assert_allclose(em_mu, mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(em_tau, tau, rtol=1e-5)
+    # nobody received: the hyperparameters stay
+    same, _ = algorithm.server_update(
+        jax.random.PRNGKey(2), server, messages, jnp.zeros(num, dtype=bool)
+    )
+    np.testing.assert_array_equal(same.mu, server.mu)
+    np.testing.assert_array_equal(same.tau, server.tau)
+
+
+def _normal_normal_sites(num_clients=20, seed=0):
+    """Gaussian sites ``N(d_i, v_i)`` of a Normal-Normal model (eight-schools-like), per
+    coordinate: ``tau^2 = 1, 1, 4``, the last coordinate weakly informed (site variances
+    ``v_i`` of 4-8, so ``s_i^2 / tau^2`` is about 0.6)."""
+    rng = np.random.default_rng(seed)
+    v = rng.uniform(0.2, 2.0, size=(num_clients, 3))
+    v[:, 2] = rng.uniform(4.0, 8.0, size=num_clients)
+    tau2 = np.array([1.0, 1.0, 4.0])
+    d = 1.0 + rng.normal(0.0, 1.0, size=(num_clients, 3)) * np.sqrt(tau2 + v)
+    return d, v
+
+
+def _exact_e_step(d, v, mu, tau):
+    """Exact posterior of ``theta_i`` given the site ``N(d_i, v_i)`` and the prior."""
+    precision = 1.0 / v + 1.0 / tau**2
+    return (d / v + mu / tau**2) / precision, np.sqrt(1.0 / precision)
+
+
+def _iterate(rule, d, v, rounds, tau0=1.0):
+    num = d.shape[0]
+    mu, tau = np.zeros(d.shape[1]), np.full(d.shape[1], tau0)
+    path = []
+    for _ in range(rounds):
+        m, s = _exact_e_step(d, v, mu, tau)
+        mu, tau = hyperparameter_update(
+            jnp.asarray(mu),
+            jnp.asarray(tau),
+            count=jnp.asarray(float(num)),
+            mean_sum=jnp.asarray(m.sum(0)),
+            mean_square_sum=jnp.asarray((m**2).sum(0)),
+            variance_sum=jnp.asarray((s**2).sum(0)),
+            determined_sum=determined_share(jnp.asarray(s), jnp.asarray(tau)).sum(0),
+            rule=rule,
+        )
+        mu, tau = np.asarray(mu, dtype=np.float64), np.asarray(tau, dtype=np.float64)
+        path.append(tau)
+    return mu, tau, path
+
+
+def test_both_hyperparameter_rules_reach_the_type_ii_map_and_fixed_point_is_faster():
+    """With exactly Gaussian sites (so the E-step is exact), EM and the fixed point converge
+    to the maximizer of ``sum_i log N(d_i | mu, tau^2 + v_i) + log IG(tau^2; a, b)`` found
+    by SciPy; the fixed point gets there in far fewer rounds."""
+    from scipy.optimize import minimize
+
+    a, b = TAU2_PRIOR
+    d, v = _normal_normal_sites()
+    with x64():
+        fp_mu, fp_tau, fp_path = _iterate("fixed_point", d, v, rounds=300)
+        em_mu, em_tau, em_path = _iterate("em", d, v, rounds=3000)
+    for p in range(d.shape[1]):
+
+        def negative(z, p=p):
+            mu, tau2 = z[0], np.exp(z[1])
+            total = tau2 + v[:, p]
+            log_marginal = -0.5 * np.sum(np.log(total) + (d[:, p] - mu) ** 2 / total)
+            return -(log_marginal - (a + 1) * np.log(tau2) - b / tau2)
+
+        best = minimize(
+            negative,
+            x0=[0.0, 0.0],
+            method="Nelder-Mead",
+            options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000},
+        )
+        mu_star, tau_star = best.x[0], np.exp(0.5 * best.x[1])
+        np.testing.assert_allclose(fp_mu[p], mu_star, atol=1e-4)
+        np.testing.assert_allclose(fp_tau[p], tau_star, rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(em_mu[p], mu_star, atol=1e-4)
+        np.testing.assert_allclose(em_tau[p], tau_star, rtol=1e-3, atol=1e-5)
+
+    def rounds_to(path, target):
+        """First round within 1% of the limit."""
+        return next(i for i, t in enumerate(path) if abs(t - target) <= 0.01 * target)
+
+    fp_rounds = sum(rounds_to([t[p] for t in fp_path], fp_tau[p]) for p in range(d.shape[1]))
+    em_rounds = sum(rounds_to([t[p] for t in em_path], em_tau[p]) for p in range(d.shape[1]))
+    assert 3 * fp_rounds < em_rounds
+
+
+def test_determined_share_is_the_site_precision_share():
+    """``1 - s^2/tau^2 = lambda tau^2 / (1 + lambda tau^2)`` for ``s^2 = 1/(lambda + 1/tau^2)``,
+    clipped to ``[0, 1]``."""
+    lam, tau = np.array([0.0, 0.5, 4.0, 100.0]), np.full(4, 0.7)
+    sd = np.sqrt(1.0 / (lam + 1.0 / tau**2))
+    np.testing.assert_allclose(
+        determined_share(jnp.asarray(sd), jnp.asarray(tau)),
+        lam * tau**2 / (1 + lam * tau**2),
+        atol=1e-6,
+    )
+    assert float(determined_share(jnp.asarray([1.1]), jnp.asarray([1.0]))[0]) == 0.0
+    with pytest.raises(ValueError, match="hyper_update"):
+        hyperparameter_update(
+            jnp.zeros(1),
+            jnp.ones(1),
+            count=1.0,
+            mean_sum=jnp.zeros(1),
+            mean_square_sum=jnp.zeros(1),
+            variance_sum=jnp.zeros(1),
+            determined_sum=jnp.zeros(1),
+            rule="newton",
+        )
 
 
 def _tau_after(data, rounds=12, init_tau=0.3):

@@ -34,20 +34,27 @@ so every client can work on its own term (partitioned VI; Ashman et al. 2022).
       costs little;
    b. takes ``local_steps`` minibatch Adam steps on the body ``w`` with ``theta_i`` fixed at
       its posterior mean ``m_i`` (the body never trains on noisy head draws);
-3. client ``i`` sends its body change ``w_i - w`` with weight ``n_i``, and its moments
-   ``m_i`` and ``m_i^2 + s_i^2``. The server uses only *sums* of these over clients (secure
-   aggregation fits); the personal posterior ``q_i`` stays on the client;
-4. the server averages the body changes (FedAvg on ``w``) and sets ``(mu, tau)`` to the
-   maximizer of ``L`` (the M-step), in closed form. With ``K`` received clients,
+3. client ``i`` sends its body change ``w_i - w`` with weight ``n_i``, and ``m_i``,
+   ``m_i^2``, ``s_i^2`` and ``gamma_i`` (below). The server uses only *sums* of these over
+   clients (secure aggregation fits); the personal posterior ``q_i`` stays on the client;
+4. the server averages the body changes (FedAvg on ``w``) and updates ``(mu, tau)``
+   (:func:`hyperparameter_update`). With ``K`` received clients,
+   ``gamma_i = 1 - s_i^2 / tau^2`` (:func:`determined_share`: how far client ``i``'s data
+   determine a coordinate) and a hyperprior ``log p(tau^2) = -(a+1) log tau^2 - b/tau^2``,
 
    .. math::
        \mu = \frac1K \sum_i m_i, \qquad
-       \tau^2 = \frac{\sum_i \big[(m_i - \mu)^2 + s_i^2\big] + 2b}{K + 2a + 2},
+       \tau^2 = \frac{\sum_i (m_i - \mu)^2 + 2b}{\sum_i \gamma_i + 2a + 2}
 
-   the mode of ``E_q[log p(theta | mu, tau)] + log InvGamma(tau^2; a, b)``: differentiating
-   ``-(K/2 + a + 1) log tau^2 - (S/2 + b)/tau^2`` gives the formula. The weak
-   inverse-gamma hyperprior (:data:`TAU2_PRIOR`) keeps ``tau`` off exactly zero, the
-   degenerate mode of variance-component EM; ``tau`` is learned, never tuned.
+   (the default ``hyper_update="fixed_point"``: MacKay's fixed point of the collapsed
+   objective, reading each ``q_i`` as a Gaussian site times the prior; a coordinate whose
+   denominator is below 1 takes the EM step instead), or the variational
+   EM step ``tau^2 = (sum_i [(m_i - mu)^2 + s_i^2] + 2b) / (K + 2a + 2)``
+   (``hyper_update="em"``), the exact maximizer of ``L`` in ``tau`` given the ``q_i``. Both
+   have the same fixed points; EM approaches them at the rate ``s_i^2 / tau^2`` (the share
+   of missing information), the fixed point in a few rounds. The hyperprior
+   (:data:`TAU2_PRIOR`, ``a = -1``: flat in ``tau^2``, with ``exp(-b / tau^2)`` keeping
+   ``tau`` off exactly zero) adds nothing else: ``tau`` is learned, never tuned.
 
 When the clients' data agree, the ``m_i`` agree, ``tau`` shrinks and the heads pool (FedAvg's
 shared model); when they disagree, ``tau`` grows and each client keeps its own voice.
@@ -78,21 +85,40 @@ previous ``q`` to start from. Not used: training the body on draws of
 Earlier attempts that diverged: server-side EM on Laplace sites and a diagonal-Newton
 E-step in ``(w, theta)``.
 
-**Known limitations.** In the benchmark (one seed) hierfl's accuracy is within about 0.01 of
-the best baseline on every partition, above it on some, below it on others; baselines move
-by up to 0.04 with the initial weights alone, so these gaps are within seed noise. ECE is
-0.014-0.034: on par with the best-calibrated baseline, not half of it (Dirichlet 5 comes
-closest, 0.015 vs 0.029), and worst on feature shift (personal normalization inside the
-network). The predictive is slightly *under*confident (mean confidence 0.01-0.03 below
-accuracy): coordinates the data inform only one-sidedly keep ``s_i`` near ``tau``. ``tau``
-is still contracting after 10 rounds on every partition: for a coordinate the data do not
-inform, ``s_i = tau`` and ``m_i = mu``, so the M-step shrinks ``tau^2`` by
-``K / (K + 2a + 2)`` per round (the hyperprior's pseudo-clients), a slow drift rather than a
-fixed point. The E-step (``elbo_steps x elbo_samples`` passes over a client's features) is
-compute-bound, as are the body steps (each client trains its own copy of the body), so on a
-CPU the vmapped round runs at about the speed of a per-client loop of the same update (1.0x
-at 100 clients, against the 5x of issue 4); ``vmap`` can only pay off where the per-client
-work is overhead-bound, or on an accelerator (not measured: none was lent).
+**The hyperprior and the M-step** (same benchmark; validation rows, seeds 0 and 1). The
+M-step was always the exact EM update, but under the earlier hyperprior IG(1, 1e-4) on
+``tau^2``. For a posterior *mode* that prior is not weak: its ``-2 log tau^2`` is worth some
+18 nats near its mode ``tau ~ 0.007``, more than 20 clients' marginal likelihood varies over
+``tau`` in ``[0, 1]``, so the only fixed point was ``tau ~ 0.007`` on every coordinate. EM
+drifted there by ``K / (K + 4)`` in ``tau^2`` per round (the "learned" ``tau`` after 10 rounds,
+0.27-0.41 on every partition, was set by the number of rounds), and the fixed-point update
+got there in 3-4 rounds, which pooled every head and cost accuracy (mean validation accuracy
+over the five partitions 0.919 vs EM's 0.937; Dirichlet 0.1: 0.918 vs 0.951). With a flat
+hyperprior (``a = -1``) the fixed point settles within about 5 rounds on data-determined
+values that order the partitions as they should (mean ``tau`` on seed 0: Dirichlet 5 0.30,
+Dirichlet 0.5 0.43, Dirichlet 0.1 0.68, pathological 0.82; feature shift 0.20), with the
+same validation accuracy as before (mean over four label-skew partitions x two seeds and
+feature shift: 0.9445 vs 0.9449; EM under the flat hyperprior 0.9444). EM under a flat
+prior on ``tau`` itself (``a = -1/2``) was nominally best (0.9478), but that prior still has
+a spike at zero, which the fixed point falls into (validation 0.938 on four partitions, seed
+0) and EM drifts toward, so its ``tau`` would again be set by the number of rounds; the
+differences are within seed noise, and the fixed point under the flat hyperprior is the one
+whose ``tau`` is a converged, data-determined value.
+
+**Known limitations.** In the benchmark hierfl's accuracy is within about 0.01 of the best
+baseline on every partition, above it on some, below it on others; baselines move by up to
+0.04 with the initial weights alone, so these gaps are within seed noise. ECE is on par with
+the best-calibrated baseline, not half of it, and worst on feature shift (personal
+normalization inside the network). The shared body is a point estimate, so the scale of a
+head kernel's ``tau`` is not identified by the ELBO alone (scaling the features by ``c`` and
+the kernel by ``1/c`` leaves it unchanged); ``tau`` relative to the kernel's scale is what
+the data determine. The mean-field ``s_i`` understate the posterior variance of correlated
+coordinates, which biases ``gamma_i`` up and ``tau`` down, under either update. The E-step
+(``elbo_steps x elbo_samples`` passes over a client's features) is compute-bound, as are the
+body steps (each client trains its own copy of the body), so on a CPU the vmapped round runs
+at about the speed of a per-client loop of the same update (1.0x at 100 clients, against the
+5x of issue 4); ``vmap`` can only pay off where the per-client work is overhead-bound, or on
+an accelerator (not measured: none was lent).
 
 References
 ----------
@@ -122,8 +148,10 @@ __all__ = [
     "SVISettings",
     "adapt_personal",
     "fit_personal",
+    "determined_share",
     "gaussian_kl",
     "ggn_diagonal",
+    "hyperparameter_update",
     "map_objective",
     "personal_objective",
     "predictive_probs",
@@ -133,10 +161,14 @@ __all__ = [
 
 PyTree = Any
 
-#: (shape a, scale b) of the inverse-gamma hyperprior on every tau^2: a = 1, b = 1e-4 puts
-#: the prior mode at b / (a + 1) = 5e-5 (tau ~ 0.007), far below any head's spread, and adds
-#: the equivalent of two pseudo-clients to the M-step
-TAU2_PRIOR = (1.0, 1e-4)
+#: (a, b) of the hyperprior p(tau^2) ~ (tau^2)^-(a + 1) exp(-b / tau^2) on every tau^2.
+#: a = -1: flat in tau^2 (type-II maximum likelihood), with exp(-b / tau^2) a soft floor that
+#: keeps tau off exactly zero (it matters only for tau^2 near b = 1e-4, tau ~ 0.01). An
+#: inverse gamma with a > -1 (say IG(1, 1e-4)) is far from weak for a posterior *mode*: its
+#: -(a + 1) log tau^2 adds some 18 nats at tau ~ 0.007, more than K = 20 clients' marginal
+#: likelihood varies over tau in [0, 1], so its mode collapses every tau to b / (a + 1) (the
+#: fixed point runs there in a few rounds; EM drifts there by K / (K + 2a + 2) a round)
+TAU2_PRIOR = (-1.0, 1e-4)
 
 
 class SVISettings(NamedTuple):
@@ -167,9 +199,14 @@ class SVISettings(NamedTuple):
         Train the body on one draw ``theta_i ~ q_i`` per step instead of on ``m_i``.
     init_tau : float
         Starting value of every ``tau``; ``tau`` is then learned. It starts *wide* (a weak
-        prior) so that EM contracts it to the clients' spread from above.
+        prior) so that the M-step contracts it to the clients' spread from above.
+    hyper_update : {"fixed_point", "em"}
+        The server's update of ``(mu, tau)`` (:func:`hyperparameter_update`):
+        ``"fixed_point"`` (default) solves the stationarity condition of the collapsed
+        bound for ``tau`` (MacKay's fixed point), ``"em"`` maximizes the ELBO in ``(mu, tau)``
+        given the ``q_i`` (variational EM). Both have the same fixed points.
     tau_damping : float
-        Share of the M-step applied to ``log tau`` per round (1: plain EM).
+        Share of the server's update applied to ``log tau`` per round (1: undamped).
     predictive_samples : int
         Draws of ``theta`` averaged in the posterior predictive.
     participation, dropout : float
@@ -189,6 +226,7 @@ class SVISettings(NamedTuple):
     elbo_learning_rate: float = 2e-2
     body_draws: bool = False
     init_tau: float = 1.0
+    hyper_update: str = "fixed_point"
     tau_damping: float = 1.0
     predictive_samples: int = 32
     participation: float = 1.0
@@ -386,6 +424,125 @@ def fit_personal(
     return params["mean"], jnp.exp(params["log_sd"])
 
 
+def determined_share(sd, tau):
+    r"""How far client data determine each personal coordinate:
+    ``gamma = 1 - s^2 / tau^2``, clipped to ``[0, 1]``.
+
+    For a Gaussian (or Laplace) site of precision ``lambda`` times the prior
+    ``N(mu, tau^2)``, ``s^2 = 1 / (lambda + 1/tau^2)`` and ``gamma = lambda tau^2 /
+    (1 + lambda tau^2)``: 0 where the data say nothing (``s = tau``), 1 where they pin the
+    coordinate down (MacKay's "well-determined parameters", 1992). The clip absorbs the
+    Monte Carlo noise of the E-step, which can leave ``s`` slightly above ``tau``.
+    Shapes: ``sd, tau: [P]``; returns ``[P]``.
+    """
+    return jnp.clip(1.0 - (sd / tau) ** 2, 0.0, 1.0)
+
+
+def hyperparameter_update(
+    mu,
+    tau,
+    *,
+    count,
+    mean_sum,
+    mean_square_sum,
+    variance_sum,
+    determined_sum,
+    rule: str = "fixed_point",
+    prior: tuple[float, float] = TAU2_PRIOR,
+):
+    r"""The server's update of the hierarchical prior ``(mu, tau)`` from sums over the ``K``
+    received clients' ``q_i = N(m_i, s_i^2)`` (per coordinate; secure aggregation fits).
+
+    The objective is the ELBO's prior part plus the hyperprior
+    ``log p(tau^2) = -(a + 1) log tau^2 - b / tau^2`` (``(a, b) = prior``,
+    :data:`TAU2_PRIOR`). With :math:`\bar m = \frac1K \sum_i m_i` and
+    :math:`S = \sum_i (m_i - \bar m)^2`:
+
+    * ``rule="em"`` (variational EM): the maximizer of
+      ``sum_i E_{q_i}[log N(theta_i | mu, tau^2)] + log p(tau^2)``,
+
+      .. math::
+          \mu = \bar m, \qquad
+          \tau^2 = \frac{S + \sum_i s_i^2 + 2b}{K + 2a + 2}.
+
+    * ``rule="fixed_point"`` (MacKay 1992; Tipping 2001): read every ``q_i`` as a Gaussian
+      site ``N(d_i, 1/lambda_i)`` times the prior, so ``m_i - mu = gamma_i (d_i - mu)`` and
+      ``s_i^2 = (1 - gamma_i) tau^2`` with ``gamma_i = 1 - s_i^2/tau^2``
+      (:func:`determined_share`). Setting the derivative of the collapsed objective
+      ``sum_i log N(d_i | mu, tau^2 + 1/lambda_i) + log p(tau^2)`` in ``tau^2`` to zero gives
+      ``tau^2 (gamma + 2a + 2) = S + 2b`` with ``gamma = sum_i gamma_i``, so
+
+      .. math::
+          \mu = \bar m, \qquad
+          \tau^2 = \frac{S + 2b}{\sum_i \gamma_i + 2a + 2},
+
+      on every coordinate whose denominator is at least 1 (the clients together determine
+      it at least as well as one observation would); elsewhere ``tau`` is barely
+      identified, dividing by the small denominator would amplify the E-step's Monte
+      Carlo noise, and the coordinate takes the EM step instead.
+
+    Substituting ``s_i^2 = (1 - gamma_i) tau^2`` shows both rules share their fixed points
+    (the stationary points of the collapsed objective). EM approaches them at the rate
+    ``s_i^2 / tau^2`` (the share of missing information), so it crawls on coordinates the
+    data inform little; the fixed point gets there in a few rounds.
+
+    Parameters
+    ----------
+    mu, tau : array ``[P]``
+        Current hyperparameters (``q_i`` were fitted under them).
+    count : array ``[]``
+        Number of received clients ``K``.
+    mean_sum, mean_square_sum, variance_sum, determined_sum : array ``[P]``
+        :math:`\sum_i m_i`, :math:`\sum_i m_i^2`, :math:`\sum_i s_i^2` and
+        :math:`\sum_i \gamma_i`.
+    rule : {"fixed_point", "em"}
+    prior : (float, float)
+        ``(a, b)`` of the hyperprior on ``tau^2``.
+
+    Returns
+    -------
+    (mu, tau), each ``[P]``. With no client received the result is meaningless; callers
+    keep their previous values then.
+
+    Examples
+    --------
+    Three clients with ``m_i = 0, 1, 2`` and ``s_i = 0.5`` under ``tau = 1``
+    (``gamma_i = 0.75``; ``S = 2``):
+
+    >>> import jax.numpy as jnp
+    >>> m, s = jnp.array([[0.0], [1.0], [2.0]]), jnp.full((3, 1), 0.5)
+    >>> sums = dict(count=jnp.float32(3), mean_sum=m.sum(0), mean_square_sum=(m**2).sum(0),
+    ...             variance_sum=(s**2).sum(0),
+    ...             determined_sum=determined_share(s, jnp.ones(1)).sum(0))
+    >>> for rule in ("em", "fixed_point"):  # tau^2 = (2 + 0.75) / 3, 2 / 2.25 (b ~ 0)
+    ...     mu, tau = hyperparameter_update(jnp.zeros(1), jnp.ones(1), rule=rule, **sums)
+    ...     print(rule, round(float(mu[0]), 3), round(float(tau[0]), 3))
+    em 1.0 0.957
+    fixed_point 1.0 0.943
+
+    References
+    ----------
+    MacKay, D. J. C. (1992). Bayesian interpolation. Neural Computation 4(3).
+    Tipping, M. E. (2001). Sparse Bayesian learning and the relevance vector machine. JMLR 1.
+    """
+    shape, scale = prior
+    safe = jnp.maximum(count, 1.0)
+    mean = mean_sum / safe
+    spread = jnp.maximum(mean_square_sum - count * mean**2, 0.0)
+    em = (spread + variance_sum + 2 * scale) / jnp.maximum(count + 2 * shape + 2, 1.0)
+    if rule == "em":
+        tau2 = em
+    elif rule == "fixed_point":
+        denominator = determined_sum + 2 * shape + 2
+        tau2 = jnp.where(
+            denominator >= 1.0, (spread + 2 * scale) / jnp.maximum(denominator, 1.0), em
+        )
+    else:
+        raise ValueError(f"hyper_update must be 'fixed_point' or 'em', got {rule!r}")
+    del mu, tau
+    return mean, jnp.sqrt(tau2)
+
+
 def svi_algorithm(
     model: NeuralModel, *, settings: SVISettings | None = None, key=None
 ) -> FederatedAlgorithm:
@@ -412,7 +569,6 @@ def svi_algorithm(
     template = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), template)
     _, unravel = model.unravel(template)
     optimizer = optax.adam(settings.learning_rate)
-    tau2_shape, tau2_scale = TAU2_PRIOR
 
     def init(key, client_data):
         shared, personal = model.init(key)
@@ -490,7 +646,9 @@ def svi_algorithm(
             "shared_delta": jax.tree_util.tree_map(jnp.subtract, shared, broadcast.shared),
             "weight": size.astype(mean.dtype),
             "mean": mean,
-            "second_moment": mean**2 + sd**2,
+            "mean_square": mean**2,
+            "variance": sd**2,
+            "determined": determined_share(sd, broadcast.tau),
             "loss": value,
         }
         return SVIClientState(mean, _softplus_inverse(sd)), message, {"loss": value}
@@ -505,11 +663,17 @@ def svi_algorithm(
             lambda d: jnp.tensordot(weights, d, axes=1) / total, messages["shared_delta"]
         )
         shared = jax.tree_util.tree_map(jnp.add, server_state.shared, delta)
-        safe = jnp.maximum(count, 1.0)
-        mu = got @ messages["mean"] / safe
-        spread = jnp.maximum(got @ messages["second_moment"] - count * mu**2, 0.0)
-        tau_em = jnp.sqrt((spread + 2 * tau2_scale) / (count + 2 * tau2_shape + 2))
-        tau = server_state.tau * (tau_em / server_state.tau) ** settings.tau_damping
+        mu, tau = hyperparameter_update(
+            server_state.mu,
+            server_state.tau,
+            count=count,
+            mean_sum=got @ messages["mean"],
+            mean_square_sum=got @ messages["mean_square"],
+            variance_sum=got @ messages["variance"],
+            determined_sum=got @ messages["determined"],
+            rule=settings.hyper_update,
+        )
+        tau = server_state.tau * (tau / server_state.tau) ** settings.tau_damping
         any_received = count > 0
         new = SVIServerState(
             jax.tree_util.tree_map(
@@ -519,6 +683,7 @@ def svi_algorithm(
             jnp.where(any_received, tau, server_state.tau),
         )
         change = jnp.sqrt(sum(jnp.sum(d**2) for d in jax.tree_util.tree_leaves(delta)))
+        safe = jnp.maximum(count, 1.0)
         info = SVIServerInfo(count, got @ messages["loss"] / safe, new.tau.mean(), change)
         return new, info
 
