@@ -83,7 +83,7 @@ def test_fit_object_schema(gaussian_fit):
 
 def _sum_of_sites(server_state, client_states):
     """Sum of the clients' current sites (committed + applied fraction of pending)."""
-    bc = ep.EPBroadcast(*server_state[: len(ep.EPBroadcast._fields)])
+    bc = ep.final_broadcast(server_state)
     sites = jax.vmap(ep._commit, in_axes=(0, None))(client_states, bc)
     return np.asarray(sites[0].sum(0)), np.asarray(sites[1].sum(0))
 
@@ -390,7 +390,7 @@ def test_average_from_is_the_mean_of_the_rounds_natural_parameters():
     # the fit's global draws come from the averaged Gaussian, not the last round's
     bc = ep.final_broadcast(server)
     mean, sd = shift.mean() / precision.mean(), precision.mean() ** -0.5
-    assert float(bc.shift[0] / bc.precision[0, 0]) == pytest.approx(mean, rel=1e-4)
+    assert float(bc.draw_shift[0] / bc.draw_precision[0, 0]) == pytest.approx(mean, rel=1e-4)
     draws = fit.global_samples["mu"].reshape(-1)
     assert draws.mean() == pytest.approx(mean, abs=4 * sd / np.sqrt(draws.size))
     assert abs(mean - history["mean"][-1][0]) > 0.02 * sd  # not the last round's

@@ -148,6 +148,8 @@ MAX_ENERGY_SPREAD = 100.0
 MAX_ENERGY_SPREAD_PER_DIM = 10.0
 #: ridge added to the tilted covariance of phi in the finalize regression adjustment
 REGRESSION_JITTER = 1e-6
+#: ridge of that regression, as a fraction of the global covariance of ``phi``
+REGRESSION_RIDGE = 1e-3
 #: the synchronous schedule opens with a sequential sweep from this many clients on
 SEQUENTIAL_START_FROM = 50
 #: group clients by size only when it cuts the padded rows at least this many times
@@ -284,6 +286,11 @@ class EPBroadcast(NamedTuple):
     step: Any
     applied_scale: Any
     draw_key: Any
+    # the Gaussian the global draws of the personal posteriors come from: the global
+    # approximation, or at the end its average (``EPSettings.average_from``); cavities are
+    # always taken from ``precision`` and ``shift``, which the clients' sites sum to
+    draw_precision: Any
+    draw_shift: Any
 
 
 class EPMessage(NamedTuple):
@@ -1017,7 +1024,13 @@ def ep_algorithm(
 
     def broadcast(state: EPServerState) -> EPBroadcast:
         return EPBroadcast(
-            state.precision, state.shift, state.step, state.applied_scale, state.draw_key
+            state.precision,
+            state.shift,
+            state.step,
+            state.applied_scale,
+            state.draw_key,
+            state.precision,
+            state.shift,
         )
 
     def tilted(key, bc: EPBroadcast, state: EPClientState, data, num_draws: int):
@@ -1151,7 +1164,10 @@ def ep_algorithm(
         )
         centred_phi = phi_tilted - jnp.mean(phi_tilted, axis=0)
         cov_pp = centred_phi.T @ centred_phi / draws.shape[0]
-        solve = jnp.linalg.solve(cov_pp + REGRESSION_JITTER * jnp.eye(d), centred_phi.T)
+        # ridge relative to the global covariance: a degenerate set of tilted draws (a
+        # stuck chain) gives no slope instead of an exploding one
+        ridge = REGRESSION_RIDGE * _inverse(bc.draw_precision) + REGRESSION_JITTER * jnp.eye(d)
+        solve = jnp.linalg.solve(cov_pp + ridge, centred_phi.T)
         values = {}
         for name, value in tilted_values.items():
             if keep is not None and name not in keep:
@@ -1196,15 +1212,18 @@ def _average_start(settings: EPSettings, num_clients: int) -> int:
 
 
 def final_broadcast(state: EPServerState) -> EPBroadcast:
-    """The broadcast the personal posteriors are taken against: the averaged global
-    approximation where there is one (see ``EPSettings.average_from``), else the current."""
+    """The broadcast the personal posteriors are taken against: cavities from the current
+    global approximation (the sum of the clients' sites), global draws from its average
+    where there is one (see ``EPSettings.average_from``)."""
     use = state.average_count > 0
     return EPBroadcast(
-        jnp.where(use, state.average_precision, state.precision),
-        jnp.where(use, state.average_shift, state.shift),
+        state.precision,
+        state.shift,
         state.step,
         state.applied_scale,
         state.draw_key,
+        jnp.where(use, state.average_precision, state.precision),
+        jnp.where(use, state.average_shift, state.shift),
     )
 
 
@@ -1214,7 +1233,7 @@ def _strong(tree):
 
 
 def _global_draws(bc: EPBroadcast, num_draws: int):
-    mean, covariance = _moments(bc.precision, bc.shift)
+    mean, covariance = _moments(bc.draw_precision, bc.draw_shift)
     chol = jnp.linalg.cholesky(covariance + 1e-12 * jnp.eye(mean.shape[0]))
     noise = jax.random.normal(bc.draw_key, (num_draws, mean.shape[0]), mean.dtype)
     return mean + noise @ chol.T
