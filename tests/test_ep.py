@@ -377,13 +377,21 @@ def test_average_from_is_the_mean_of_the_rounds_natural_parameters():
     data = _normal_data()
     family = hf.NormalNormal(priors={"mu": dist.Normal(0.0, 10.0), "tau": 1.0})
     fit = hf.fit(
-        family, data, method="ep", tilted="laplace", num_rounds=5, tol=0.0, average_from=1,
+        family,
+        data,
+        method="ep",
+        tilted="laplace",
+        num_rounds=5,
+        tol=0.0,
+        average_from=1,
         num_samples=4000,
     )
     history = fit.diagnostics["history"]
     assert fit.diagnostics["averaged_updates"] == 4
     precision = np.array([1.0 / s[0] ** 2 for s in history["sd"][1:]])
-    shift = np.array([m[0] / s[0] ** 2 for m, s in zip(history["mean"][1:], history["sd"][1:])])
+    shift = np.array(
+        [m[0] / s[0] ** 2 for m, s in zip(history["mean"][1:], history["sd"][1:], strict=True)]
+    )
     server = fit.diagnostics["state"][0]
     np.testing.assert_allclose(server.average_precision[0, 0], precision.mean(), rtol=1e-4)
     np.testing.assert_allclose(server.average_shift[0], shift.mean(), rtol=1e-4)

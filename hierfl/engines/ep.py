@@ -1023,15 +1023,7 @@ def ep_algorithm(
         return _strong(server), clients
 
     def broadcast(state: EPServerState) -> EPBroadcast:
-        return EPBroadcast(
-            state.precision,
-            state.shift,
-            state.step,
-            state.applied_scale,
-            state.draw_key,
-            state.precision,
-            state.shift,
-        )
+        return _broadcast(state, state.precision, state.shift)
 
     def tilted(key, bc: EPBroadcast, state: EPClientState, data, num_draws: int):
         site_precision, site_shift = _commit(state, bc)
@@ -1216,14 +1208,22 @@ def final_broadcast(state: EPServerState) -> EPBroadcast:
     global approximation (the sum of the clients' sites), global draws from its average
     where there is one (see ``EPSettings.average_from``)."""
     use = state.average_count > 0
+    return _broadcast(
+        state,
+        jnp.where(use, state.average_precision, state.precision),
+        jnp.where(use, state.average_shift, state.shift),
+    )
+
+
+def _broadcast(state: EPServerState, draw_precision, draw_shift) -> EPBroadcast:
     return EPBroadcast(
         state.precision,
         state.shift,
         state.step,
         state.applied_scale,
         state.draw_key,
-        jnp.where(use, state.average_precision, state.precision),
-        jnp.where(use, state.average_shift, state.shift),
+        draw_precision,
+        draw_shift,
     )
 
 
