@@ -148,6 +148,9 @@ MAX_ENERGY_SPREAD = 100.0
 MAX_ENERGY_SPREAD_PER_DIM = 10.0
 #: ridge added to the tilted covariance of phi in the finalize regression adjustment
 REGRESSION_JITTER = 1e-6
+#: NUTS tilted inference: a mode farther than this many sds per dimension (in the previous
+#: run's metric) from the previous run's last draw is not used as the start
+RUNAWAY_DISTANCE = 3.0
 #: ridge of that regression, as a fraction of the global covariance of ``phi``
 REGRESSION_RIDGE = 1e-3
 #: the synchronous schedule opens with a sequential sweep from this many clients on
@@ -810,16 +813,23 @@ def _nuts(
     settings: EPSettings,
     phi_dim: int,
     key,
+    warm,
 ):
     from numpyro.infer.hmc import hmc
 
     init_kernel, sample_kernel = hmc(potential, algo="NUTS")
     warmup, samples = settings.num_warmup, settings.num_samples
     # start at the tilted mode, with the inverse Hessian there as the mass matrix: robust
-    # against a wide first cavity, and most of the warmup is then spent on fine tuning
+    # against a wide first cavity, and most of the warmup is then spent on fine tuning. In
+    # later runs (``warm``) a mode far from the previous run's last draw, in the previous
+    # metric, is a mode search that ran down a funnel (non-centred client parameters), where
+    # a chain would stay stuck: the chain then starts from that draw and metric instead
     mode = _newton(potential, x0, settings.newton_steps)
     laplace_mass = _inverse(jax.hessian(potential)(mode))
-    good = jnp.all(jnp.isfinite(laplace_mass)) & jnp.all(jnp.isfinite(mode))
+    offset = mode - x0
+    distance = offset @ jnp.linalg.solve(inverse_mass, offset)
+    near = ~warm | (distance <= RUNAWAY_DISTANCE**2 * x0.shape[0])
+    good = jnp.all(jnp.isfinite(laplace_mass)) & jnp.all(jnp.isfinite(mode)) & near
     x0 = jnp.where(good, mode, x0)
     inverse_mass = jnp.where(good, laplace_mass, inverse_mass)
     # the metric is the Laplace one, kept fixed: NumPyro's windowed mass-matrix adaptation
@@ -1057,6 +1067,7 @@ def ep_algorithm(
                 settings,
                 d,
                 key,
+                state.pending_step >= 0,
             )
         else:
             result = _svi(
