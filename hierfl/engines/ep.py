@@ -150,7 +150,7 @@ MAX_ENERGY_SPREAD_PER_DIM = 10.0
 REGRESSION_JITTER = 1e-6
 #: NUTS tilted inference: a mode farther than this many sds per dimension (in the previous
 #: run's metric) from the previous run's last draw is not used as the start
-RUNAWAY_DISTANCE = 3.0
+RUNAWAY_DISTANCE = 5.0
 #: ridge of that regression, as a fraction of the global covariance of ``phi``
 REGRESSION_RIDGE = 1e-3
 #: the synchronous schedule opens with a sequential sweep from this many clients on
