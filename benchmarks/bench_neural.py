@@ -7,7 +7,7 @@ Usage::
 
     python benchmarks/bench_neural.py --clients 20 --partitions dirichlet_0.1 dirichlet_0.5 \\
         dirichlet_5 pathological feature_shift --rounds 10 --local-steps 10 \\
-        --speed-clients 20 100
+        --speed-clients 20 100 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -96,10 +96,10 @@ class PartitionUnavailable(RuntimeError):
     at 100 clients: no draw gives every client its minimum number of examples)."""
 
 
-def run_partition(kind, num_clients, args):
+def run_partition(kind, num_clients, args, seed):
     extra = max(2, int(round(COLD_START_SHARE * num_clients)))
     try:
-        split = mnist_heads.federated(kind, num_clients=num_clients + extra, seed=args.seed)
+        split = mnist_heads.federated(kind, num_clients=num_clients + extra, seed=seed)
     except RuntimeError as error:
         raise PartitionUnavailable(str(error)) from error
     ids = split.train.client_ids
@@ -113,7 +113,7 @@ def run_partition(kind, num_clients, args):
         split.test.subset(train_ids),
         num_rounds=args.rounds,
         local_steps=args.local_steps,
-        seed=args.seed,
+        seed=seed,
         learning_rates=tuple(args.learning_rates),
         strengths={"fedprox": tuple(args.fedprox_grid), "ditto": tuple(args.ditto_grid)},
     )
@@ -123,14 +123,14 @@ def run_partition(kind, num_clients, args):
         split.train.subset(new_ids),
         split.test.subset(new_ids),
         finetune_learning_rate=results["_fedavg_ft_lr"],
-        seed=args.seed,
+        seed=seed,
     )
     return results, cold, time.perf_counter() - start
 
 
 def time_round(num_clients, args):
     """Seconds of one vmapped round vs a per-client loop of the same ``client_update``."""
-    split = mnist_heads.federated("dirichlet_0.5", num_clients=num_clients, seed=args.seed)
+    split = mnist_heads.federated("dirichlet_0.5", num_clients=num_clients, seed=args.seeds[0])
     model = mnist_heads.mlp_head()
     stacked = stack_client_data(model, split.train)
     algorithm = svi_algorithm(model, settings=SVISettings(local_steps=args.local_steps))
@@ -166,7 +166,42 @@ def fmt(x, digits=3):
     return f"{x:.{digits}f}"
 
 
+def _mean(values):
+    return float(np.mean(values))
+
+
+def method_rows(runs):
+    """Per method, the metrics averaged over seeds, the chosen settings and per-seed
+    accuracies. ``runs`` is a list (one per seed) of ``(results, cold, wall)``."""
+    rows = {}
+    for name in METHODS:
+        per_seed = [res[name] for res, _, _ in runs if name in res]
+        if not per_seed:
+            continue
+        rows[name] = {
+            "setting": "/".join(str(r.setting) for r in per_seed),
+            "by_seed": [r.metrics["acc_mean"] for r in per_seed],
+            "wall": _mean([r.wall_time for r in per_seed]),
+            **{k: _mean([r.metrics[k] for r in per_seed]) for k in per_seed[0].metrics},
+        }
+    return rows
+
+
+def cold_rows(runs):
+    """Cold-start accuracy per method and k, averaged over seeds weighted by new clients."""
+    out = {"clients": {}}
+    for name in ("hierfl", "fedavg_ft"):
+        out[name] = {}
+        for k in (0, 5, 10, 20):
+            got = [(c[name][k], c["clients"][k]) for _, c, _ in runs if k in c[name]]
+            if got:
+                out[name][k] = float(np.average([a for a, _ in got], weights=[n for _, n in got]))
+                out["clients"][k] = sum(n for _, n in got)
+    return out
+
+
 def report(all_results, speed, args, command, skipped=()):
+    seeds = "/".join(str(s) for s in args.seeds)
     lines = [
         START,
         "",
@@ -174,49 +209,53 @@ def report(all_results, speed, args, command, skipped=()):
         "",
         f"- command: `{command}`",
         f"- machine: 2-core CPU, no GPU; no GPU was lent to this task "
-        f"({platform.processor() or platform.machine()}, shared with other jobs; run "
-        "pinned to one core with `taskset -c 1`)",
+        f"({platform.processor() or platform.machine()}; run pinned to one core with "
+        "`taskset`)",
         f"- date: {datetime.date.today().isoformat()}",
+        f"- seeds {seeds} (each seed draws its own partition, train/validation/test split and "
+        "initial weights); every figure is the mean over seeds, and `acc by seed` lists the "
+        "per-seed accuracies",
         f"- budget for every method: {args.rounds} rounds x {args.local_steps} local "
-        "Adam steps (batch 32); baselines pick the learning rate "
-        f"{args.learning_rates} (FedProx mu {args.fedprox_grid}, Ditto lambda "
-        f"{args.ditto_grid}, FedAvg+FT fine-tuning lr) on per-client validation data; "
-        "hierfl uses its defaults (no grid; chosen once on validation rows). Head "
-        "models: MLP 784-128-64 with a personal 10-way head; feature shift: MLP with "
-        "personal normalization scale/shift.",
+        "Adam steps (batch 32); every method, hierfl included, picks its learning rate from "
+        f"{args.learning_rates} on per-client validation rows (FedProx mu {args.fedprox_grid} "
+        f"and Ditto lambda {args.ditto_grid} at FedAvg's learning rate; FedAvg+FT its "
+        "fine-tuning lr). hierfl tunes nothing else: the strength of its prior, `tau`, is "
+        "learned. Head models: MLP 784-128-64 with a personal 10-way head; feature shift: MLP "
+        "with personal normalization scale/shift.",
         "- metrics on per-client test rows: accuracy mean and 10th percentile over "
-        "clients, pooled NLL and ECE (15 bins); wall-clock includes each baseline's "
-        "validation grid.",
+        "clients, pooled NLL and ECE (15 bins); `ECE floor` is the ECE a perfectly calibrated "
+        "predictor with the same probabilities would show on these rows (labels drawn from "
+        "the predicted probabilities; `hierfl.neural.metrics.calibrated_ece`); wall-clock "
+        "includes each method's validation grid.",
         "",
     ]
     for num_clients, per_kind in all_results.items():
         lines += [
             f"### {num_clients} clients",
             "",
-            "| partition | method | setting | acc mean | acc p10 | NLL | ECE | wall s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| partition | method | setting | acc mean | acc by seed | acc p10 | NLL | ECE "
+            "| ECE floor | wall s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for kind, (results, _cold, _) in per_kind.items():
-            for name in METHODS:
-                if name not in results:
-                    continue
-                r = results[name]
-                m = r.metrics
+        for kind, runs in per_kind.items():
+            for name, r in method_rows(runs).items():
                 lines.append(
-                    f"| {kind} | {name} | {r.setting if r.setting is not None else '-'}"
-                    f" | {fmt(m['acc_mean'])} | {fmt(m['acc_p10'])} | {fmt(m['nll'])} "
-                    f"| {fmt(m['ece'])} | {r.wall_time:.0f} |"
+                    f"| {kind} | {name} | {r['setting']} | {fmt(r['acc_mean'])} | "
+                    + " / ".join(fmt(a) for a in r["by_seed"])
+                    + f" | {fmt(r['acc_p10'])} | {fmt(r['nll'])} | {fmt(r['ece'])} "
+                    f"| {fmt(r['ece_floor'])} | {r['wall']:.0f} |"
                 )
         lines += [
             "",
-            "Cold start (clients not in training; mean test accuracy; k labelled "
-            "examples; hierfl adapts its head under the learned prior, FedAvg+FT "
-            "fine-tunes FedAvg's model on the same k):",
+            "Cold start (clients not in training; mean test accuracy over the new clients "
+            "of all seeds; k labelled examples; hierfl adapts its head under the learned "
+            "prior, FedAvg+FT fine-tunes FedAvg's model on the same k):",
             "",
             "| partition | new clients (k=0/5/10/20) | method | k=0 | k=5 | k=10 | k=20 |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for kind, (_results, cold, _) in per_kind.items():
+        for kind, runs in per_kind.items():
+            cold = cold_rows(runs)
             counts = "/".join(str(cold["clients"].get(k, 0)) for k in (0, 5, 10, 20))
             for name in ("hierfl", "fedavg_ft"):
                 cells = " | ".join(
@@ -225,10 +264,10 @@ def report(all_results, speed, args, command, skipped=()):
                 lines.append(f"| {kind} | {counts} | {name} | {cells} |")
         lines += [
             "",
-            "Learned tau (mean over personal coordinates): "
+            "Learned tau (mean over personal coordinates and seeds): "
             + ", ".join(
-                f"{kind} {float(np.mean(res['_fit'].tau)):.3f}"
-                for kind, (res, _, _) in per_kind.items()
+                f"{kind} {_mean([np.mean(res['_fit'].tau) for res, _, _ in runs]):.3f}"
+                for kind, runs in per_kind.items()
             ),
             "",
         ]
@@ -258,22 +297,25 @@ def report(all_results, speed, args, command, skipped=()):
 def targets(all_results, speed):
     out = []
     for num_clients, per_kind in all_results.items():
-        for kind, (results, cold, _) in per_kind.items():
-            base = {k: v for k, v in results.items() if not k.startswith("_") and k != "hierfl"}
-            h = results["hierfl"].metrics
-            best_acc_name = max(base, key=lambda k: base[k].metrics["acc_mean"])
-            best_acc = base[best_acc_name].metrics["acc_mean"]
-            best_ece_name = min(base, key=lambda k: base[k].metrics["ece"])
-            best_ece = base[best_ece_name].metrics["ece"]
+        for kind, runs in per_kind.items():
+            rows = method_rows(runs)
+            cold = cold_rows(runs)
+            base = {k: v for k, v in rows.items() if k != "hierfl"}
+            h = rows["hierfl"]
+            best_acc_name = max(base, key=lambda k: base[k]["acc_mean"])
+            best_acc = base[best_acc_name]["acc_mean"]
+            best_ece_name = min(base, key=lambda k: base[k]["ece"])
+            best_ece = base[best_ece_name]["ece"]
             line = (
                 f"- {num_clients} clients, {kind}: accuracy {fmt(h['acc_mean'])} vs best "
                 f"baseline {best_acc_name} {fmt(best_acc)} -> "
                 f"{'met' if h['acc_mean'] >= best_acc else 'NOT met'}; ECE "
-                f"{fmt(h['ece'])} vs half the best baseline's ({best_ece_name} "
-                f"{fmt(best_ece)}) -> {'met' if h['ece'] <= best_ece / 2 else 'NOT met'}"
+                f"{fmt(h['ece'])} (floor {fmt(h['ece_floor'])}) vs half the best baseline's "
+                f"({best_ece_name} {fmt(best_ece)}) -> "
+                f"{'met' if h['ece'] <= best_ece / 2 else 'NOT met'}"
             )
             if kind == "dirichlet_5" and "fedavg" in base:
-                fa = base["fedavg"].metrics["acc_mean"]
+                fa = base["fedavg"]["acc_mean"]
                 line += f"; vs FedAvg {fmt(fa)} -> {'met' if h['acc_mean'] >= fa else 'NOT met'}"
             if 10 in cold["hierfl"]:
                 ok = cold["hierfl"][10] >= cold["fedavg_ft"][10]
@@ -314,7 +356,7 @@ def main(argv=None):
     parser.add_argument("--ditto-grid", type=float, nargs="*", default=[0.1, 1.0])
     parser.add_argument("--speed-clients", type=int, nargs="*", default=[20, 100])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument(
         "--output", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     )
@@ -332,27 +374,36 @@ def main(argv=None):
     for n in args.clients:
         all_results[n] = {}
         for kind in args.partitions:
-            try:
-                all_results[n][kind] = run_partition(kind, n, args)
-            except PartitionUnavailable as error:
-                skipped.append((n, kind, str(error)))
-                print(n, kind, "not run:", error, flush=True)
-                continue
-            res, cold, wall = all_results[n][kind]
-            print(
-                n,
-                kind,
-                {
-                    k: round(v.metrics["acc_mean"], 3)
-                    for k, v in res.items()
-                    if not k.startswith("_")
-                },
-                "ece",
-                {k: round(v.metrics["ece"], 3) for k, v in res.items() if not k.startswith("_")},
-                cold,
-                f"{wall:.0f}s",
-                flush=True,
-            )
+            runs = []
+            for seed in args.seeds:
+                try:
+                    runs.append(run_partition(kind, n, args, seed))
+                except PartitionUnavailable as error:
+                    skipped.append((n, kind, str(error)))
+                    print(n, kind, "not run:", error, flush=True)
+                    break
+                res, cold, wall = runs[-1]
+                print(
+                    n,
+                    kind,
+                    f"seed {seed}",
+                    {
+                        k: round(v.metrics["acc_mean"], 3)
+                        for k, v in res.items()
+                        if not k.startswith("_")
+                    },
+                    "ece",
+                    {
+                        k: round(v.metrics["ece"], 3)
+                        for k, v in res.items()
+                        if not k.startswith("_")
+                    },
+                    cold,
+                    f"{wall:.0f}s",
+                    flush=True,
+                )
+            else:
+                all_results[n][kind] = runs
     write(report(all_results, speed, args, command, skipped), Path(args.output))
 
 

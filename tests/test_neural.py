@@ -493,3 +493,21 @@ def test_ditto_with_zero_strength_is_local_training():
         jax.tree_util.tree_leaves(ditto), jax.tree_util.tree_leaves(local), strict=True
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ece_and_its_calibrated_floor_match_closed_forms():
+    from scipy.stats import binom
+
+    from hierfl.neural.metrics import calibrated_ece, expected_calibration_error
+
+    # two bins: confidence 0.95 (right 16 of 20) and 0.55 (right 5 of 10)
+    probs = np.array([[0.95, 0.05]] * 20 + [[0.55, 0.45]] * 10)
+    labels = np.array([0] * 16 + [1] * 4 + [0] * 5 + [1] * 5)
+    expected = (20 * abs(0.8 - 0.95) + 10 * abs(0.5 - 0.55)) / 30
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected)
+    # a calibrated forecaster with one confidence p on n rows: E|Binomial(n, p)/n - p|
+    n, p = 200, 0.9
+    k = np.arange(n + 1)
+    exact = float(np.sum(binom.pmf(k, n, p) * np.abs(k / n - p)))
+    floor = calibrated_ece(np.tile([p, 1 - p], (n, 1)), draws=4000)
+    assert floor == pytest.approx(exact, abs=4 * 0.013 / np.sqrt(4000) + 1e-4)

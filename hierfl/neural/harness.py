@@ -3,7 +3,9 @@
 Used by ``notebooks/03_personal_heads.ipynb`` and ``benchmarks/bench_neural.py``. Every
 method trains on the clients' *train* rows; baselines pick their learning rate or strength on
 the clients' *validation* rows (mean per-client accuracy); everything is scored on the
-*test* rows. hierfl has nothing to tune: it trains once with its defaults.
+*test* rows. hierfl picks only its body's learning rate, on the same grid and the same
+validation rows as the baselines' learning rate (the strength of its prior, ``tau``, is
+learned, never tuned).
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ def compare(
     """Train hierfl and the baselines on ``train``, choose settings on ``validation``, score
     on ``test``. Returns ``{name: MethodResult}`` (and the hierfl fit under ``"_fit"``).
 
+    hierfl grids its body's learning rate over ``learning_rates`` (unless ``svi_options``
+    fixes ``learning_rate``) and keeps the fit with the best validation accuracy.
     Baselines with a strength (FedProx, Ditto) use FedAvg's chosen learning rate and grid
     their strength over ``strengths[name]`` (default :data:`~baselines.STRENGTH_GRIDS`);
     the others grid the learning rate over ``learning_rates``; FedAvg + FT grids its
@@ -129,17 +133,28 @@ def compare(
     out: dict[str, Any] = {}
     if "hierfl" in methods:
         start = time.perf_counter()
-        fit = fit_svi(
-            model,
-            train,
-            seed=seed,
-            num_rounds=num_rounds,
-            local_steps=local_steps,
-            batch_size=batch_size,
-            **(svi_options or {}),
+        options = dict(svi_options or {})
+        grid = [options.pop("learning_rate")] if "learning_rate" in options else learning_rates
+        fits = {
+            lr: fit_svi(
+                model,
+                train,
+                seed=seed,
+                num_rounds=num_rounds,
+                local_steps=local_steps,
+                batch_size=batch_size,
+                learning_rate=lr,
+                **options,
+            )
+            for lr in grid
+        }
+        best, _ = bl.select(
+            fits,
+            lambda f: _mean_accuracy(hierfl_probs(f, stacked["validation"]), val_labels),
         )
+        fit = fits[best]
         probs = hierfl_probs(fit, stacked["test"])
-        out["hierfl"] = _result("hierfl", None, probs, test_labels, time.perf_counter() - start)
+        out["hierfl"] = _result("hierfl", best, probs, test_labels, time.perf_counter() - start)
         out["_fit"] = fit
 
     def run(name, learning_rate, strength=0.0):
