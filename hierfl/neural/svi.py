@@ -105,20 +105,23 @@ a spike at zero, which the fixed point falls into (validation 0.938 on four part
 differences are within seed noise, and the fixed point under the flat hyperprior is the one
 whose ``tau`` is a converged, data-determined value.
 
-**Known limitations.** In the benchmark hierfl's accuracy is within about 0.01 of the best
-baseline on every partition, above it on some, below it on others; baselines move by up to
-0.04 with the initial weights alone, so these gaps are within seed noise. ECE is on par with
-the best-calibrated baseline, not half of it, and worst on feature shift (personal
-normalization inside the network). The shared body is a point estimate, so the scale of a
-head kernel's ``tau`` is not identified by the ELBO alone (scaling the features by ``c`` and
-the kernel by ``1/c`` leaves it unchanged); ``tau`` relative to the kernel's scale is what
-the data determine. The mean-field ``s_i`` understate the posterior variance of correlated
-coordinates, which biases ``gamma_i`` up and ``tau`` down, under either update. The E-step
-(``elbo_steps x elbo_samples`` passes over a client's features) is compute-bound, as are the
-body steps (each client trains its own copy of the body), so on a CPU the vmapped round runs
-at about the speed of a per-client loop of the same update (1.0x at 100 clients, against the
-5x of issue 4); ``vmap`` can only pay off where the per-client work is overhead-bound, or on
-an accelerator (not measured: none was lent).
+**Known limitations.** In the benchmark (means over 2-3 seeds, every method picking its
+learning rate on validation rows) hierfl's accuracy is at or above the best baseline on 6 of
+9 partitions and within 0.004 of it on the other three (Dirichlet 5 at 20 and 100 clients,
+feature shift at 20), less than a single seed moves every method. Its ECE is about what a
+calibrated predictor shows on that many test rows
+(:func:`hierfl.neural.metrics.calibrated_ece`), not half of the best baseline's, except on
+Dirichlet 5 at 100 clients, where it is overconfident (as are the baselines). The shared
+body is a point estimate, so the scale of a head kernel's ``tau`` is not identified by the
+ELBO alone (scaling the features by ``c`` and the kernel by ``1/c`` leaves it unchanged);
+``tau`` relative to the kernel's scale is what the data determine. The mean-field ``s_i``
+understate the posterior variance of correlated coordinates, which biases ``gamma_i`` up and
+``tau`` down, under either update. The E-step (``elbo_steps x elbo_samples`` passes over a
+client's features) is compute-bound, as are the body steps (each client trains its own copy
+of the body), so on a CPU the vmapped round runs at about the speed of a per-client loop of
+the same update (1.0x at 100 clients, against the 5x of issue 4); ``vmap`` can only pay off
+where the per-client work is overhead-bound, or on an accelerator (not measured: none was
+lent).
 
 References
 ----------
