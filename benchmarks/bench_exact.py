@@ -35,14 +35,18 @@ NUTS_UP_TO = 10_000
 
 def _problem(name: str):
     import hierfl as hf  # noqa: F401
+
     if name == "radon":
         from models import radon
+
         return radon.family(), radon.load()
     if name == "eight_schools":
         from models import eight_schools
+
         return eight_schools.family(), eight_schools.load()
     if name.startswith("synthetic-"):
         from models import synthetic_lmm
+
         data, _ = synthetic_lmm.generate(int(float(name.split("-")[1])), seed=0)
         return synthetic_lmm.family(), data
     raise ValueError(name)
@@ -51,15 +55,22 @@ def _problem(name: str):
 def worker(name: str, method: str, out: str, seed: int) -> None:
     """Fit once in this process; write draws (small problems) and figures to ``out``."""
     import warnings
+
     warnings.simplefilter("ignore")
     import hierfl as hf
+
     family, data = _problem(name)
     start = time.perf_counter()
     fit = hf.fit(family, data, method=method, seed=seed)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    record = {"seconds": seconds, "peak_bytes": peak, "clients": data.num_clients,
-              "observations": data.num_obs, "server": fit.diagnostics.get("server", "")}
+    record = {
+        "seconds": seconds,
+        "peak_bytes": peak,
+        "clients": data.num_clients,
+        "observations": data.num_obs,
+        "server": fit.diagnostics.get("server", ""),
+    }
     arrays = {}
     if data.num_clients <= NUTS_UP_TO:
         for site, draws in fit.posterior_samples().items():
@@ -73,8 +84,13 @@ def run(name: str, method: str, seed: int = 0, timeout: float = 3600.0):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "draws.npz")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        subprocess.run([sys.executable, __file__, "worker", name, method, out, str(seed)],
-                       check=True, env=env, timeout=timeout, cwd=ROOT)
+        subprocess.run(
+            [sys.executable, __file__, "worker", name, method, out, str(seed)],
+            check=True,
+            env=env,
+            timeout=timeout,
+            cwd=ROOT,
+        )
         record = json.loads(Path(out + ".json").read_text())
         with np.load(out) as draws:
             return record, {k: draws[k] for k in draws.files}
@@ -108,10 +124,14 @@ def main() -> None:
     args = parser.parse_args()
     lines = []
     lines.append("### Exact engine vs centralized NUTS (accuracy and end-to-end speed)\n")
-    lines.append("Same model, data and number of draws (4 chains x 1000 after 1000 warmup); each "
-                 "fit in a fresh process, compilation included.\n")
-    lines.append("| problem | clients | quantities | max abs(mean diff)/sd | max abs(sd ratio - 1) "
-                 "| exact s | NUTS s | speed-up |")
+    lines.append(
+        "Same model, data and number of draws (4 chains x 1000 after 1000 warmup); each "
+        "fit in a fresh process, compilation included.\n"
+    )
+    lines.append(
+        "| problem | clients | quantities | max abs(mean diff)/sd | max abs(sd ratio - 1) "
+        "| exact s | NUTS s | speed-up |"
+    )
     lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     problems = ["eight_schools", "radon", "synthetic-1e2", "synthetic-1e3", "synthetic-1e4"]
     for name in problems:
@@ -119,24 +139,32 @@ def main() -> None:
         nuts_record, nuts_draws = run(name, "nuts")
         mean_err, sd_err, count = compare(exact_draws, nuts_draws)
         speed = nuts_record["seconds"] / exact_record["seconds"]
-        lines.append(f"| {name} | {exact_record['clients']} | {count} | {mean_err:.3f} | "
-                     f"{sd_err:.3f} | {exact_record['seconds']:.1f} | "
-                     f"{nuts_record['seconds']:.1f} | {speed:.1f}x |")
+        lines.append(
+            f"| {name} | {exact_record['clients']} | {count} | {mean_err:.3f} | "
+            f"{sd_err:.3f} | {exact_record['seconds']:.1f} | "
+            f"{nuts_record['seconds']:.1f} | {speed:.1f}x |"
+        )
         print(lines[-1], flush=True)
-    lines.append("\n### Scaling of the exact engine (synthetic linear mixed data, ~10 "
-                 "observations per client)\n")
+    lines.append(
+        "\n### Scaling of the exact engine (synthetic linear mixed data, ~10 "
+        "observations per client)\n"
+    )
     lines.append("| clients | observations | server | exact s | exact peak memory |")
     lines.append("| ---: | ---: | --- | ---: | ---: |")
     sizes = ["1e2", "1e3", "1e4"] + ([] if args.quick else ["1e5", "1e6"])
     for size in sizes:
         record, _ = run(f"synthetic-{size}", "exact")
-        lines.append(f"| {record['clients']:,} | {record['observations']:,} | "
-                     f"{record['server']} | {record['seconds']:.1f} | "
-                     f"{record['peak_bytes'] / 2**30:.2f} GiB |")
+        lines.append(
+            f"| {record['clients']:,} | {record['observations']:,} | "
+            f"{record['server']} | {record['seconds']:.1f} | "
+            f"{record['peak_bytes'] / 2**30:.2f} GiB |"
+        )
         print(lines[-1], flush=True)
     stamp = datetime.date.today().isoformat()
-    lines.append(f"\nCommand: `python benchmarks/bench_exact.py{' --quick' if args.quick else ''}`"
-                 f"; machine: {machine()}; date: {stamp}.\n")
+    lines.append(
+        f"\nCommand: `python benchmarks/bench_exact.py{' --quick' if args.quick else ''}`"
+        f"; machine: {machine()}; date: {stamp}.\n"
+    )
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

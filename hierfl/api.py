@@ -35,12 +35,22 @@ def as_client_data(data, *, client: str | None = None) -> ClientData:
         if client is None:
             raise DataError("a data frame needs client='<column>' naming the client column")
         return ClientData.from_frame(data, client=client)
-    raise DataError(f"expected ClientData, a dict {{client: {{field: array}}}} or a pandas "
-                    f"frame, got {type(data).__name__}")
+    raise DataError(
+        f"expected ClientData, a dict {{client: {{field: array}}}} or a pandas "
+        f"frame, got {type(data).__name__}"
+    )
 
 
-def fit(model, data, method: str = "exact", *, client: str | None = None, seed: int = 0,
-        progress: bool = False, **options: Any) -> Fit:
+def fit(
+    model,
+    data,
+    method: str = "exact",
+    *,
+    client: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    **options: Any,
+) -> Fit:
     """Fit a hierarchical model to federated client data.
 
     Parameters
@@ -92,42 +102,71 @@ def _settings(options: dict[str, Any], progress: bool) -> GlobalsSettings:
     unknown = set(options) - set(names) - {"server"}
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}")
-    return GlobalsSettings(**{k: v for k, v in options.items() if k in names},
-                           progress=progress)
+    return GlobalsSettings(**{k: v for k, v in options.items() if k in names}, progress=progress)
 
 
-def _fit_exact(model, data: ClientData, *, seed: int, progress: bool, server: str = "auto",
-               **options) -> Fit:
+def _fit_exact(
+    model, data: ClientData, *, seed: int, progress: bool, server: str = "auto", **options
+) -> Fit:
     if not isinstance(model, ConjugateFamily):
-        raise TypeError("method='exact' needs a conjugate family (NormalNormal, LinearMixed, "
-                        "BetaBinomial, GammaPoisson); use method='nuts' (or 'ep') for a "
-                        "general NumPyro model")
+        raise TypeError(
+            "method='exact' needs a conjugate family (NormalNormal, LinearMixed, "
+            "BetaBinomial, GammaPoisson); use method='nuts' (or 'ep') for a "
+            "general NumPyro model"
+        )
     settings = _settings(options, progress)
     model.check_data(data)
     padded, mask = data.padded()
     float_type = np.dtype(jnp.result_type(float))  # converted on the host: no device compile
-    client_data = {"fields": {k: jnp.asarray(np.asarray(padded[k], float_type))
-                              for k in model.required}, "mask": jnp.asarray(mask)}
-    algorithm = exact_algorithm(model, server=server, settings=settings,
-                                num_clients=data.num_clients)
+    client_data = {
+        "fields": {k: jnp.asarray(np.asarray(padded[k], float_type)) for k in model.required},
+        "mask": jnp.asarray(mask),
+    }
+    algorithm = exact_algorithm(
+        model, server=server, settings=settings, num_clients=data.num_clients
+    )
     key = jax.random.PRNGKey(seed)
-    result = simulate(algorithm, key, client_data, client_ids=data.client_ids, num_rounds=1,
-                      progress="exact: sufficient statistics" if progress else False)
+    result = simulate(
+        algorithm,
+        key,
+        client_data,
+        client_ids=data.client_ids,
+        num_rounds=1,
+        progress="exact: sufficient statistics" if progress else False,
+    )
     state = result.server_state
     if state.draws is None:
         raise RuntimeError("no client statistics reached the server")
     shape = (settings.num_chains, settings.num_samples)
     probe = subset_batch(data, np.arange(min(3, data.num_clients)))
     sites = inspect_model(model.model, probe, client_plate="client")
-    draws = {k: np.asarray(v).reshape(shape + v.shape[1:]) for k, v in state.draws.items()
-             if k in sites.global_sites}
+    draws = {
+        k: np.asarray(v).reshape(shape + v.shape[1:])
+        for k, v in state.draws.items()
+        if k in sites.global_sites
+    }
     stats = jax.tree_util.tree_map(np.asarray, result.client_states)
     sampler = ExactClientSampler(model, draws, stats, jax.random.fold_in(key, 7))
-    personal = {model.client_site: (np.asarray(result.personal.mean),
-                                    np.sqrt(np.asarray(result.personal.variance)))}
+    personal = {
+        model.client_site: (
+            np.asarray(result.personal.mean),
+            np.sqrt(np.asarray(result.personal.variance)),
+        )
+    }
     diagnostics = dict(state.diagnostics, rounds=len(result.rounds), skips=result.skips)
-    return Fit("exact", model.model, data, draws, sampler, sites, personal=personal,
-               diagnostics=diagnostics, dims=model.dims(), coords=model.coords(), seed=seed)
+    return Fit(
+        "exact",
+        model.model,
+        data,
+        draws,
+        sampler,
+        sites,
+        personal=personal,
+        diagnostics=diagnostics,
+        dims=model.dims(),
+        coords=model.coords(),
+        seed=seed,
+    )
 
 
 def _fit_nuts(model, data: ClientData, *, seed: int, progress: bool, **options) -> Fit:
@@ -138,12 +177,22 @@ def _fit_nuts(model, data: ClientData, *, seed: int, progress: bool, **options) 
     key = jax.random.PRNGKey(seed)
     if isinstance(model, ConjugateFamily):
         model.check_data(data)
-        return fit_nuts(key, model.model, data, reparam=model.reparam_config(),
-                        progress=progress, dims=model.dims(), coords=model.coords(), seed=seed,
-                        **options)
+        return fit_nuts(
+            key,
+            model.model,
+            data,
+            reparam=model.reparam_config(),
+            progress=progress,
+            dims=model.dims(),
+            coords=model.coords(),
+            seed=seed,
+            **options,
+        )
     if not callable(model):
-        raise TypeError(f"model must be a conjugate family or a NumPyro model function, got "
-                        f"{type(model).__name__}")
+        raise TypeError(
+            f"model must be a conjugate family or a NumPyro model function, got "
+            f"{type(model).__name__}"
+        )
     return fit_nuts(key, model, data, progress=progress, seed=seed, **options)
 
 
@@ -157,8 +206,9 @@ def _fit_svi(model, data: ClientData, *, seed: int, progress: bool, **options):
     try:
         from .neural import fit_svi
     except ImportError as error:
-        raise ImportError("method='svi' needs the neural extra (Flax and Optax): "
-                          "pip install 'hierfl[neural]'") from error
+        raise ImportError(
+            "method='svi' needs the neural extra (Flax and Optax): pip install 'hierfl[neural]'"
+        ) from error
     return fit_svi(model, data, seed=seed, progress=progress, **options)
 
 

@@ -86,23 +86,30 @@ def _check_field(client_id, name: str, value) -> np.ndarray:
     try:
         array = np.asarray(value)
     except Exception as error:  # noqa: BLE001 - re-raised with the client and field named
-        raise DataError(f"client {client_id!r}, field {name!r}: cannot convert to an array "
-                        f"({error})") from error
+        raise DataError(
+            f"client {client_id!r}, field {name!r}: cannot convert to an array ({error})"
+        ) from error
     if array.dtype == bool:
         array = array.astype(np.int32)
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise DataError(f"client {client_id!r}, field {name!r}: expected numbers, got dtype "
-                        f"{array.dtype} (convert categories to integer codes first)")
+        raise DataError(
+            f"client {client_id!r}, field {name!r}: expected numbers, got dtype "
+            f"{array.dtype} (convert categories to integer codes first)"
+        )
     if array.ndim == 0:
-        raise DataError(f"client {client_id!r}, field {name!r}: expected an array with one "
-                        "row per observation, got a scalar")
+        raise DataError(
+            f"client {client_id!r}, field {name!r}: expected an array with one "
+            "row per observation, got a scalar"
+        )
     if np.issubdtype(array.dtype, np.floating):
         bad = ~np.isfinite(array)
         if bad.any():
             where = int(np.argwhere(bad.reshape(array.shape[0], -1).any(axis=1))[0, 0])
             kind = "NaN" if np.isnan(array).any() else "infinite value"
-            raise DataError(f"client {client_id!r}, field {name!r}: {kind} at row {where} "
-                            "(drop or impute missing values explicitly before fitting)")
+            raise DataError(
+                f"client {client_id!r}, field {name!r}: {kind} at row {where} "
+                "(drop or impute missing values explicitly before fitting)"
+            )
     return array
 
 
@@ -111,17 +118,21 @@ def _check_flat(name: str, array: np.ndarray, ids, offsets) -> np.ndarray:
     if array.dtype == bool:
         array = array.astype(np.int32)
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise DataError(f"field {name!r}: expected numbers, got dtype {array.dtype} (convert "
-                        "categories to integer codes first)")
+        raise DataError(
+            f"field {name!r}: expected numbers, got dtype {array.dtype} (convert "
+            "categories to integer codes first)"
+        )
     if np.issubdtype(array.dtype, np.floating):
         bad = ~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             client = int(np.searchsorted(offsets, row, side="right") - 1)
             kind = "NaN" if np.isnan(array[row]).any() else "infinite value"
-            raise DataError(f"client {ids[client]!r}, field {name!r}: {kind} at row "
-                            f"{row - offsets[client]} (drop or impute missing values explicitly "
-                            "before fitting)")
+            raise DataError(
+                f"client {ids[client]!r}, field {name!r}: {kind} at row "
+                f"{row - offsets[client]} (drop or impute missing values explicitly "
+                "before fitting)"
+            )
     return array
 
 
@@ -145,8 +156,9 @@ class ClientData:
         Number of observations of each client; every size must be at least 1.
     """
 
-    def __init__(self, client_ids: Sequence[Hashable], fields: Mapping[str, Any],
-                 sizes: Sequence[int]):
+    def __init__(
+        self, client_ids: Sequence[Hashable], fields: Mapping[str, Any], sizes: Sequence[int]
+    ):
         ids = tuple(_as_id(c) for c in client_ids)
         sizes = np.asarray(sizes, dtype=np.int64)
         if len(ids) == 0:
@@ -171,8 +183,9 @@ class ClientData:
         for name, value in fields.items():
             array = np.asarray(value)
             if array.ndim == 0 or array.shape[0] != total:
-                raise DataError(f"field {name!r}: expected {total} rows in total, got shape "
-                                f"{array.shape}")
+                raise DataError(
+                    f"field {name!r}: expected {total} rows in total, got shape {array.shape}"
+                )
             checked[name] = _check_flat(name, array, ids, offsets)
         self._ids = ids
         self._index = {c: i for i, c in enumerate(ids)}
@@ -202,8 +215,9 @@ class ClientData:
         for client_id in ids:
             record = clients[client_id]
             if not isinstance(record, Mapping):
-                raise DataError(f"client {client_id!r}: expected a dict of fields, got "
-                                f"{type(record).__name__}")
+                raise DataError(
+                    f"client {client_id!r}: expected a dict of fields, got {type(record).__name__}"
+                )
             if names is None:
                 names = list(record)
                 if not names:
@@ -214,16 +228,20 @@ class ClientData:
             if missing:
                 raise DataError(f"client {client_id!r}: missing field {missing[0]!r}")
             if extra:
-                raise DataError(f"client {client_id!r}: unexpected field {extra[0]!r} (other "
-                                f"clients have {names})")
+                raise DataError(
+                    f"client {client_id!r}: unexpected field {extra[0]!r} (other "
+                    f"clients have {names})"
+                )
             size = None
             for name in names:
                 array = _check_field(client_id, name, record[name])
                 if size is None:
                     size = array.shape[0]
                 elif array.shape[0] != size:
-                    raise DataError(f"client {client_id!r}, field {name!r}: {array.shape[0]} rows "
-                                    f"but field {names[0]!r} has {size}")
+                    raise DataError(
+                        f"client {client_id!r}, field {name!r}: {array.shape[0]} rows "
+                        f"but field {names[0]!r} has {size}"
+                    )
                 columns[name].append(array)
             if size == 0:
                 raise DataError(f"client {client_id!r} has no observations (empty client)")
@@ -234,17 +252,21 @@ class ClientData:
             if len(trailing) > 1:
                 for client_id, p in zip(ids, parts, strict=True):
                     if p.shape[1:] != parts[0].shape[1:]:
-                        raise DataError(f"client {client_id!r}, field {name!r}: row shape "
-                                        f"{p.shape[1:]} differs from {parts[0].shape[1:]} of "
-                                        f"client {ids[0]!r}")
+                        raise DataError(
+                            f"client {client_id!r}, field {name!r}: row shape "
+                            f"{p.shape[1:]} differs from {parts[0].shape[1:]} of "
+                            f"client {ids[0]!r}"
+                        )
             kinds = {np.issubdtype(p.dtype, np.floating) for p in parts}
-            fields[name] = np.concatenate(parts).astype(np.float64 if True in kinds else
-                                                        np.result_type(*parts))
+            fields[name] = np.concatenate(parts).astype(
+                np.float64 if True in kinds else np.result_type(*parts)
+            )
         return cls(ids, fields, sizes)
 
     @classmethod
-    def from_frame(cls, frame, *, client: str, fields: Iterable[str] | None = None,
-                   sort: bool = False) -> ClientData:
+    def from_frame(
+        cls, frame, *, client: str, fields: Iterable[str] | None = None, sort: bool = False
+    ) -> ClientData:
         """Build from a pandas frame with one row per observation and a client column.
 
         Parameters
@@ -267,19 +289,20 @@ class ClientData:
         (('a', 'b'), [1.0, 3.0])
         """
         if client not in frame.columns:
-            raise DataError(f"client column {client!r} not in the frame (columns: "
-                            f"{list(frame.columns)})")
+            raise DataError(
+                f"client column {client!r} not in the frame (columns: {list(frame.columns)})"
+            )
         if frame[client].isna().any():
             row = frame.index[frame[client].isna()][0]
             raise DataError(f"client column {client!r} is missing at row {row!r}")
         names = [c for c in frame.columns if c != client] if fields is None else list(fields)
         for name in names:
             if name not in frame.columns:
-                raise DataError(f"field {name!r} not in the frame (columns: "
-                                f"{list(frame.columns)})")
+                raise DataError(f"field {name!r} not in the frame (columns: {list(frame.columns)})")
         groups = frame.groupby(client, sort=sort, observed=True)
-        return cls.from_dict({key: {n: group[n].to_numpy() for n in names}
-                              for key, group in groups})
+        return cls.from_dict(
+            {key: {n: group[n].to_numpy() for n in names} for key, group in groups}
+        )
 
     # ------------------------------------------------------------------ access
     @property
@@ -337,23 +360,30 @@ class ClientData:
         return self.num_clients
 
     def __repr__(self) -> str:
-        return (f"ClientData({self.num_clients} clients, {self.num_obs} observations, "
-                f"fields={list(self._fields)}, sizes {self._sizes.min()}..{self._sizes.max()})")
+        return (
+            f"ClientData({self.num_clients} clients, {self.num_obs} observations, "
+            f"fields={list(self._fields)}, sizes {self._sizes.min()}..{self._sizes.max()})"
+        )
 
     def require(self, *names: str, context: str = "this model") -> None:
         """Raise :class:`DataError` unless every field in ``names`` is present."""
         for name in names:
             if name not in self._fields:
-                raise DataError(f"{context} needs field {name!r}; the data have "
-                                f"{list(self._fields)}")
+                raise DataError(
+                    f"{context} needs field {name!r}; the data have {list(self._fields)}"
+                )
 
     def subset(self, client_ids: Iterable[Hashable]) -> ClientData:
         """A new :class:`ClientData` holding only ``client_ids`` (in the order given)."""
         ids = list(client_ids)
-        rows = np.concatenate([np.arange(self._offsets[i], self._offsets[i + 1])
-                               for i in map(self.index_of, ids)])
-        return ClientData(ids, {n: a[rows] for n, a in self._fields.items()},
-                          self._sizes[[self.index_of(c) for c in ids]])
+        rows = np.concatenate(
+            [np.arange(self._offsets[i], self._offsets[i + 1]) for i in map(self.index_of, ids)]
+        )
+        return ClientData(
+            ids,
+            {n: a[rows] for n, a in self._fields.items()},
+            self._sizes[[self.index_of(c) for c in ids]],
+        )
 
     # ------------------------------------------------------------------ views
     def padded(self, max_size: int | None = None, *, dtype=None, clients=None):
@@ -373,8 +403,9 @@ class ClientData:
         sizes = self._sizes[chosen]
         width = int(sizes.max()) if max_size is None else int(max_size)
         if width < sizes.max():
-            raise DataError(f"max_size={width} is smaller than the largest client "
-                            f"({sizes.max()} rows)")
+            raise DataError(
+                f"max_size={width} is smaller than the largest client ({sizes.max()} rows)"
+            )
         position = np.arange(width)
         mask = position[None, :] < sizes[:, None]
         rows = self._offsets[chosen, None] + np.where(mask, position[None, :], 0)

@@ -127,16 +127,19 @@ class ConjugateFamily:
 
     def _spread_fixed_at_zero(self) -> bool:
         """True when the client spread ``tau`` is fixed at 0 (complete pooling)."""
-        return any(r.parameter.name == "tau" and r.site is None and not np.any(r.value)
-                   for r in self.priors)
+        return any(
+            r.parameter.name == "tau" and r.site is None and not np.any(r.value)
+            for r in self.priors
+        )
 
     def _sample_client(self, phi):
         return numpyro.sample(self.client_site, self.prior(phi))
 
     def _observe(self, phi, theta, data: ModelData):
         with numpyro.plate("obs", data.num_obs):
-            numpyro.sample(self.observed, self.likelihood(phi, theta, data),
-                           obs=data.get(self.observed))
+            numpyro.sample(
+                self.observed, self.likelihood(phi, theta, data), obs=data.get(self.observed)
+            )
 
     def reparam_config(self) -> dict[str, Any]:
         """Reparameterizations that make centralized NUTS mix well (non-centred clients)."""
@@ -185,8 +188,9 @@ class NormalNormal(ConjugateFamily):
     NormalNormal(mu~Normal, tau~HalfCauchy)
     """
 
-    def __init__(self, priors=None, *, observed: str = "y", scale: str = "sigma",
-                 client_site: str = "theta"):
+    def __init__(
+        self, priors=None, *, observed: str = "y", scale: str = "sigma", client_site: str = "theta"
+    ):
         self.observed, self.scale, self.client_site = observed, scale, client_site
         self.required = (observed, scale)
         super().__init__(priors)
@@ -211,8 +215,12 @@ class NormalNormal(ConjugateFamily):
         p, ws = stats["precision"], stats["weighted_sum"]
         ybar = ws / p
         residual = stats["weighted_square"] - ws * ybar
-        return (-0.5 * stats["log_norm"] - 0.5 * residual + 0.5 * (_LOG_2PI - jnp.log(p))
-                + dist.Normal(phi["mu"], jnp.sqrt(phi["tau"] ** 2 + 1.0 / p)).log_prob(ybar))
+        return (
+            -0.5 * stats["log_norm"]
+            - 0.5 * residual
+            + 0.5 * (_LOG_2PI - jnp.log(p))
+            + dist.Normal(phi["mu"], jnp.sqrt(phi["tau"] ** 2 + 1.0 / p)).log_prob(ybar)
+        )
 
     def conditional(self, phi, stats):
         t2 = phi["tau"] ** 2
@@ -231,13 +239,15 @@ class NormalNormal(ConjugateFamily):
         with numpyro.plate("client", data.num_clients):
             if self._spread_fixed_at_zero():  # complete pooling: every client is the population
                 theta = numpyro.deterministic(
-                    self.client_site, jnp.broadcast_to(phi["mu"], (data.num_clients,)))
+                    self.client_site, jnp.broadcast_to(phi["mu"], (data.num_clients,))
+                )
             else:
                 theta = self._sample_client(phi)
         self._observe(phi, theta, data)
 
     def reparam_config(self):
         from numpyro.infer.reparam import LocScaleReparam
+
         return {self.client_site: LocScaleReparam(centered=0)}
 
 
@@ -278,9 +288,17 @@ class LinearMixed(ConjugateFamily):
     ['intercept', 'floor']
     """
 
-    def __init__(self, *, response: str = "y", fixed: Sequence[str] = (),
-                 random: Sequence[str] = (), intercept: bool = True,
-                 random_intercept: bool = True, priors=None, client_site: str = "b"):
+    def __init__(
+        self,
+        *,
+        response: str = "y",
+        fixed: Sequence[str] = (),
+        random: Sequence[str] = (),
+        intercept: bool = True,
+        random_intercept: bool = True,
+        priors=None,
+        client_site: str = "b",
+    ):
         self.observed, self.client_site = response, client_site
         self.fixed, self.random = tuple(fixed), tuple(random)
         self.intercept, self.random_intercept = intercept, random_intercept
@@ -303,13 +321,18 @@ class LinearMixed(ConjugateFamily):
 
     def parameters(self):
         q = self.num_effects
-        return (Parameter("beta", "real", (self.num_coefficients,)),
-                Parameter("sigma", "positive"),
-                Parameter("tau", "positive", () if q == 1 else (q,)))
+        return (
+            Parameter("beta", "real", (self.num_coefficients,)),
+            Parameter("sigma", "positive"),
+            Parameter("tau", "positive", () if q == 1 else (q,)),
+        )
 
     def default_priors(self):
-        return {"beta": dist.Normal(0.0, 10.0), "sigma": dist.HalfNormal(5.0),
-                "tau": dist.HalfNormal(5.0)}
+        return {
+            "beta": dist.Normal(0.0, 10.0),
+            "sigma": dist.HalfNormal(5.0),
+            "tau": dist.HalfNormal(5.0),
+        }
 
     def dims(self):
         dims = {"beta": ["coef"]}
@@ -329,8 +352,9 @@ class LinearMixed(ConjugateFamily):
         (it sets the intercept column's shape, so the response is not needed to predict)."""
         ones = [jnp.ones(jnp.shape(rows), dtype=jnp.result_type(float))]
         x = jnp.stack((ones if self.intercept else []) + [fields[f] for f in self.fixed], -1)
-        z = jnp.stack((ones if self.random_intercept else []) + [fields[f] for f in self.random],
-                      -1)
+        z = jnp.stack(
+            (ones if self.random_intercept else []) + [fields[f] for f in self.random], -1
+        )
         return x, z
 
     def statistics(self, fields, mask):
@@ -338,8 +362,15 @@ class LinearMixed(ConjugateFamily):
         x, z = self._design(fields, y)
         m = mask.astype(y.dtype)
         xm, zm, ym = x * m[:, None], z * m[:, None], y * m
-        return {"n": jnp.sum(m), "yy": jnp.sum(ym * y), "xy": xm.T @ y, "xx": xm.T @ x,
-                "zy": zm.T @ y, "zx": zm.T @ x, "zz": zm.T @ z}
+        return {
+            "n": jnp.sum(m),
+            "yy": jnp.sum(ym * y),
+            "xy": xm.T @ y,
+            "xx": xm.T @ x,
+            "zy": zm.T @ y,
+            "zx": zm.T @ x,
+            "zz": zm.T @ z,
+        }
 
     def _scales(self, phi):
         return jnp.broadcast_to(phi["tau"], (self.num_effects,))
@@ -384,14 +415,20 @@ class LinearMixed(ConjugateFamily):
             value = stats[name]
             return value * keep.reshape((-1,) + (1,) * (value.ndim - 1))
 
-        return {"n": total("n"), "yy": total("yy"), "xy": total("xy"), "xx": total("xx"),
-                "zy": rows("zy"), "zx": rows("zx"), "zz": rows("zz")}
+        return {
+            "n": total("n"),
+            "yy": total("yy"),
+            "xy": total("xy"),
+            "xx": total("xx"),
+            "zy": rows("zy"),
+            "zx": rows("zx"),
+            "zz": rows("zz"),
+        }
 
     def total_log_marginal(self, phi, server_stats):
         beta, s2 = phi["beta"], phi["sigma"] ** 2
         d = self._scales(phi)
-        rr = server_stats["yy"] - 2.0 * beta @ server_stats["xy"] + \
-            beta @ server_stats["xx"] @ beta
+        rr = server_stats["yy"] - 2.0 * beta @ server_stats["xy"] + beta @ server_stats["xx"] @ beta
         c = d * (server_stats["zy"] - server_stats["zx"] @ beta)  # [clients, q]
         if self.num_effects == 1:
             m = 1.0 + d[0] ** 2 * server_stats["zz"][:, 0, 0] / s2
@@ -400,8 +437,10 @@ class LinearMixed(ConjugateFamily):
             m = jnp.eye(self.num_effects) + d[:, None] * server_stats["zz"] * d[None, :] / s2
             chol = jnp.linalg.cholesky(m)
             v = jax.scipy.linalg.solve_triangular(chol, c[..., None], lower=True)[..., 0]
-            per_client = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1) - \
-                jnp.sum(v**2, -1) / s2**2
+            per_client = (
+                2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
+                - jnp.sum(v**2, -1) / s2**2
+            )
         n = server_stats["n"]
         return -0.5 * (n * (_LOG_2PI + jnp.log(s2)) + rr / s2 + jnp.sum(per_client))
 
@@ -438,8 +477,11 @@ class LinearMixed(ConjugateFamily):
         phi = self.sample_globals()
         with numpyro.plate("client", data.num_clients):
             if self._spread_fixed_at_zero():  # complete pooling: no client effect at all
-                shape = (data.num_clients,) if self.num_effects == 1 else \
-                    (data.num_clients, self.num_effects)
+                shape = (
+                    (data.num_clients,)
+                    if self.num_effects == 1
+                    else (data.num_clients, self.num_effects)
+                )
                 theta = numpyro.deterministic(self.client_site, jnp.zeros(shape))
             else:
                 theta = numpyro.sample(self.client_site, self.prior(phi))
@@ -448,6 +490,7 @@ class LinearMixed(ConjugateFamily):
 
     def reparam_config(self):
         from numpyro.infer.reparam import LocScaleReparam
+
         return {self.client_site: LocScaleReparam(centered=0)}
 
 
@@ -469,8 +512,9 @@ class BetaBinomial(ConjugateFamily):
         Fields of successes and trials.
     """
 
-    def __init__(self, priors=None, *, observed: str = "y", trials: str = "trials",
-                 client_site: str = "p"):
+    def __init__(
+        self, priors=None, *, observed: str = "y", trials: str = "trials", client_site: str = "p"
+    ):
         self.observed, self.trials, self.client_site = observed, trials, client_site
         self.required = (observed, trials)
         super().__init__(priors)
@@ -487,8 +531,11 @@ class BetaBinomial(ConjugateFamily):
     def statistics(self, fields, mask):
         y, n = fields[self.observed], fields[self.trials]
         log_choose = gammaln(n + 1.0) - gammaln(y + 1.0) - gammaln(n - y + 1.0)
-        return {"successes": _masked_sum(y, mask), "trials": _masked_sum(n, mask),
-                "log_choose": _masked_sum(log_choose, mask)}
+        return {
+            "successes": _masked_sum(y, mask),
+            "trials": _masked_sum(n, mask),
+            "log_choose": _masked_sum(log_choose, mask),
+        }
 
     def log_marginal(self, phi, stats):
         a, b = self._ab(phi)
@@ -523,8 +570,14 @@ class GammaPoisson(ConjugateFamily):
         On ``mean`` (default ``LogNormal(0, 2)``) and ``shape`` (default ``LogNormal(1, 1.5)``).
     """
 
-    def __init__(self, priors=None, *, observed: str = "y", exposure: str | None = "exposure",
-                 client_site: str = "rate"):
+    def __init__(
+        self,
+        priors=None,
+        *,
+        observed: str = "y",
+        exposure: str | None = "exposure",
+        client_site: str = "rate",
+    ):
         self.observed, self.exposure, self.client_site = observed, exposure, client_site
         self.required = (observed,) if exposure is None else (observed, exposure)
         super().__init__(priors)
@@ -541,15 +594,23 @@ class GammaPoisson(ConjugateFamily):
 
     def statistics(self, fields, mask):
         y, e = fields[self.observed], self._exposure(fields)
-        return {"count": _masked_sum(y, mask), "exposure": _masked_sum(e, mask),
-                "log_norm": _masked_sum(y * jnp.log(e) - gammaln(y + 1.0), mask)}
+        return {
+            "count": _masked_sum(y, mask),
+            "exposure": _masked_sum(e, mask),
+            "log_norm": _masked_sum(y * jnp.log(e) - gammaln(y + 1.0), mask),
+        }
 
     def log_marginal(self, phi, stats):
         alpha = phi["shape"]
         rate = alpha / phi["mean"]
         k, e = stats["count"], stats["exposure"]
-        return (stats["log_norm"] + alpha * jnp.log(rate) - gammaln(alpha) + gammaln(alpha + k)
-                - (alpha + k) * jnp.log(rate + e))
+        return (
+            stats["log_norm"]
+            + alpha * jnp.log(rate)
+            - gammaln(alpha)
+            + gammaln(alpha + k)
+            - (alpha + k) * jnp.log(rate + e)
+        )
 
     def conditional(self, phi, stats):
         alpha = phi["shape"]

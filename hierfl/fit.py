@@ -47,8 +47,9 @@ class ModelSites:
     row_sites: tuple[str, ...] = ()  # deterministic sites with one value per observation
 
 
-def inspect_model(model: Callable, data: ModelData, *, client_plate: str | None = None
-                  ) -> ModelSites:
+def inspect_model(
+    model: Callable, data: ModelData, *, client_plate: str | None = None
+) -> ModelSites:
     """Classify the sites of ``model``: global, per-client, observed.
 
     The client plate is the plate named ``client_plate`` or, by default, the one plate whose
@@ -68,9 +69,11 @@ def inspect_model(model: Callable, data: ModelData, *, client_plate: str | None 
         if len(candidates) > 1 and "client" in candidates:
             candidates = ["client"]
         if len(candidates) != 1:
-            raise ValueError(f"the model must have exactly one client plate of size "
-                             f"{data.num_clients}; found plates {plates}. Name it with "
-                             "numpyro.plate('client', data.num_clients) or pass client_plate=")
+            raise ValueError(
+                f"the model must have exactly one client plate of size "
+                f"{data.num_clients}; found plates {plates}. Name it with "
+                "numpyro.plate('client', data.num_clients) or pass client_plate="
+            )
         client_plate = candidates[0]
     elif client_plate not in plates:
         raise ValueError(f"no plate named {client_plate!r} in the model (plates: {plates})")
@@ -84,23 +87,28 @@ def inspect_model(model: Callable, data: ModelData, *, client_plate: str | None 
             continue
         if client_plate in frames:
             client_sites.append(name)
-        elif site["type"] == "deterministic" and np.ndim(site["value"]) >= 1 and \
-                np.shape(site["value"])[0] == data.num_obs:
+        elif (
+            site["type"] == "deterministic"
+            and np.ndim(site["value"]) >= 1
+            and np.shape(site["value"])[0] == data.num_obs
+        ):
             row_sites.append(name)
         elif not frames:
             global_sites.append(name)
     if not observed:
         raise ValueError("the model observes nothing: pass obs=data.get(field) to a sample site")
-    return ModelSites(tuple(global_sites), tuple(client_sites), observed, client_plate,
-                      tuple(row_sites))
+    return ModelSites(
+        tuple(global_sites), tuple(client_sites), observed, client_plate, tuple(row_sites)
+    )
 
 
 def _field_of(value, data: ModelData, site: str) -> str:
     if site in data.fields:
         return site
     for name, array in data.fields.items():
-        if np.shape(array) == np.shape(value) and np.array_equal(np.asarray(array),
-                                                                 np.asarray(value)):
+        if np.shape(array) == np.shape(value) and np.array_equal(
+            np.asarray(array), np.asarray(value)
+        ):
             return name
     raise ValueError(f"observed site {site!r} is not a data field; observe a field of the data")
 
@@ -178,39 +186,48 @@ class Fit:
     def _key(self, key, salt: int):
         return as_key(key, self.seed, salt)
 
-    def posterior_samples(self, clients: Sequence[Hashable] | None = None
-                          ) -> dict[str, np.ndarray]:
+    def posterior_samples(self, clients: Sequence[Hashable] | None = None) -> dict[str, np.ndarray]:
         """Global and per-client draws, ``[chain, draw, ...]`` (clients on axis 2)."""
-        indices = (np.arange(self.data.num_clients) if clients is None
-                   else np.array([self.data.index_of(c) for c in clients]))
+        indices = (
+            np.arange(self.data.num_clients)
+            if clients is None
+            else np.array([self.data.index_of(c) for c in clients])
+        )
         out = dict(self.global_samples)
         out.update(self.client_samples(indices))
         return out
 
     def __repr__(self) -> str:
-        return (f"Fit(method={self.method!r}, clients={self.data.num_clients}, "
-                f"draws={self.num_draws}, global={list(self.global_samples)}, "
-                f"client={list(self.sites.client_sites)})")
+        return (
+            f"Fit(method={self.method!r}, clients={self.data.num_clients}, "
+            f"draws={self.num_draws}, global={list(self.global_samples)}, "
+            f"client={list(self.sites.client_sites)})"
+        )
 
     # ------------------------------------------------------------------ predictions
     def _inputs(self, client, inputs: Mapping[str, Any]) -> ModelData:
         if not inputs:
-            raise DataError(f"client {client!r}: predict needs the model's input fields "
-                            "(e.g. covariates) as keyword arguments")
+            raise DataError(
+                f"client {client!r}: predict needs the model's input fields "
+                "(e.g. covariates) as keyword arguments"
+            )
         fields, size = {}, None
         for name, value in inputs.items():
             array = np.atleast_1d(np.asarray(value, dtype=float))
             if not np.all(np.isfinite(array)):
                 raise DataError(f"client {client!r}, field {name!r}: non-finite input")
             if size is not None and array.shape[0] != size:
-                raise DataError(f"client {client!r}, field {name!r}: {array.shape[0]} rows, "
-                                f"other inputs have {size}")
+                raise DataError(
+                    f"client {client!r}, field {name!r}: {array.shape[0]} rows, "
+                    f"other inputs have {size}"
+                )
             size = array.shape[0]
             fields[name] = array
         return ModelData(fields, np.zeros(size, dtype=np.int32), 1)
 
-    def predict(self, client: Hashable, *, key=None, num_samples: int | None = None,
-                **inputs) -> dict[str, np.ndarray]:
+    def predict(
+        self, client: Hashable, *, key=None, num_samples: int | None = None, **inputs
+    ) -> dict[str, np.ndarray]:
         """Posterior predictive draws for one client.
 
         For a client in the fit the draws use its personal posterior; for any other id they
@@ -252,13 +269,15 @@ class Fit:
         if num_samples is not None:
             samples = {k: v[:num_samples] for k, v in samples.items()}
         observed = list(self.sites.observed)
-        predictive = Predictive(self.model, posterior_samples=samples,
-                                return_sites=observed + list(self.sites.row_sites))
+        predictive = Predictive(
+            self.model,
+            posterior_samples=samples,
+            return_sites=observed + list(self.sites.row_sites),
+        )
         try:
             out = predictive(self._key(key, 1), model_data)
         except KeyError as error:
-            raise DataError(f"client {client!r}: predict needs field {error.args[0]!r}") \
-                from None
+            raise DataError(f"client {client!r}: predict needs field {error.args[0]!r}") from None
         return {k: np.asarray(v) for k, v in out.items()}
 
     def log_likelihood(self, clients: Sequence[Hashable] | None = None) -> dict[str, np.ndarray]:
@@ -276,23 +295,29 @@ class Fit:
         samples.update(self.client_samples(indices))
         return samples
 
-    def posterior_predictive(self, clients: Sequence[Hashable] | None = None, *, key=None
-                             ) -> dict[str, np.ndarray]:
+    def posterior_predictive(
+        self, clients: Sequence[Hashable] | None = None, *, key=None
+    ) -> dict[str, np.ndarray]:
         """Replicated observations ``[chain, draw, obs]`` for the clients' rows."""
         ids = list(self.client_ids if clients is None else clients)
         indices = [self.data.index_of(c) for c in ids]
         batch = _subset_batch(self.data, indices)
         fields = {k: v for k, v in batch.fields.items() if k not in self.sites.observed.values()}
         samples = _flatten_draws(self._client_indexed_samples(indices))
-        out = Predictive(self.model, posterior_samples=samples,
-                         return_sites=list(self.sites.observed))(
-            self._key(key, 2), ModelData(fields, batch.client, batch.num_clients))
+        out = Predictive(
+            self.model, posterior_samples=samples, return_sites=list(self.sites.observed)
+        )(self._key(key, 2), ModelData(fields, batch.client, batch.num_clients))
         chains, draws = next(iter(self.global_samples.values())).shape[:2]
         return {k: np.asarray(v).reshape(chains, draws, -1) for k, v in out.items()}
 
     # ------------------------------------------------------------------ ArviZ
-    def to_arviz(self, clients: Sequence[Hashable] | None = None, *,
-                 posterior_predictive: bool = True, log_likelihood: bool = True):
+    def to_arviz(
+        self,
+        clients: Sequence[Hashable] | None = None,
+        *,
+        posterior_predictive: bool = True,
+        log_likelihood: bool = True,
+    ):
         """Export to :class:`arviz.InferenceData`.
 
         Groups: ``posterior`` (global sites, and per-client sites on dim ``client`` with the
@@ -337,15 +362,21 @@ class Fit:
             groups["sample_stats"] = sample_stats
         idata = az.from_dict(**groups, coords=coords, dims=dims)
         from . import __version__
+
         for group in idata.groups():
-            getattr(idata, group).attrs.update(inference_library="hierfl",
-                                               inference_library_version=__version__,
-                                               method=self.method)
+            getattr(idata, group).attrs.update(
+                inference_library="hierfl",
+                inference_library_version=__version__,
+                method=self.method,
+            )
         obs_client = np.asarray(ids)[np.asarray(batch.client)]
         for group in ("observed_data", "log_likelihood", "posterior_predictive"):
             if group in idata.groups():
-                setattr(idata, group,
-                        getattr(idata, group).assign_coords(obs_client=(OBS_DIM, obs_client)))
+                setattr(
+                    idata,
+                    group,
+                    getattr(idata, group).assign_coords(obs_client=(OBS_DIM, obs_client)),
+                )
         return idata
 
     def loo(self, *, by: str = "client"):
@@ -359,8 +390,14 @@ class Fit:
             raise ValueError("by must be 'client' or 'obs'")
         ll = idata.log_likelihood
         order = list(self.client_ids)
-        summed = {name: ll[name].groupby("obs_client").sum().sel(obs_client=order)
-                  .rename(obs_client=CLIENT_DIM) for name in ll.data_vars}
+        summed = {
+            name: ll[name]
+            .groupby("obs_client")
+            .sum()
+            .sel(obs_client=order)
+            .rename(obs_client=CLIENT_DIM)
+            for name in ll.data_vars
+        }
         total = sum(summed.values())
         per_client = idata.copy()
         per_client.log_likelihood = total.to_dataset(name="client_log_likelihood")
@@ -369,28 +406,37 @@ class Fit:
     def summary(self, var_names: Sequence[str] | None = None, **kwargs):
         """:func:`arviz.summary` of the global sites (or of ``var_names``)."""
         az = arviz()
-        idata = self.to_arviz(posterior_predictive=False, log_likelihood=False) \
-            if var_names and set(var_names) & set(self.sites.client_sites) else \
-            az.from_dict(posterior=self.global_samples, dims={k: v for k, v in self.dims.items()
-                                                             if k in self.global_samples},
-                         coords=self.coords)
+        idata = (
+            self.to_arviz(posterior_predictive=False, log_likelihood=False)
+            if var_names and set(var_names) & set(self.sites.client_sites)
+            else az.from_dict(
+                posterior=self.global_samples,
+                dims={k: v for k, v in self.dims.items() if k in self.global_samples},
+                coords=self.coords,
+            )
+        )
         with np.errstate(invalid="ignore", divide="ignore"):
             return az.summary(idata, var_names=list(var_names or self.global_samples), **kwargs)
 
     def personal_summary(self):
         """Per-client posterior mean and sd of each client site, as a pandas frame."""
         import pandas as pd
+
         frames = []
         for site, (mean, sd) in self.personal.items():
             mean, sd = np.asarray(mean), np.asarray(sd)
             if mean.ndim == 1:
                 frames.append(pd.DataFrame({f"{site}_mean": mean, f"{site}_sd": sd}))
             else:
-                names = self.coords.get(self.dims.get(site, [CLIENT_DIM, "k"])[-1],
-                                        range(mean.shape[1]))
+                names = self.coords.get(
+                    self.dims.get(site, [CLIENT_DIM, "k"])[-1], range(mean.shape[1])
+                )
                 for j, label in enumerate(names):
-                    frames.append(pd.DataFrame({f"{site}[{label}]_mean": mean[:, j],
-                                                f"{site}[{label}]_sd": sd[:, j]}))
+                    frames.append(
+                        pd.DataFrame(
+                            {f"{site}[{label}]_mean": mean[:, j], f"{site}[{label}]_sd": sd[:, j]}
+                        )
+                    )
         frame = pd.concat(frames, axis=1) if frames else pd.DataFrame()
         frame.insert(0, "n_obs", self.data.sizes)
         frame.index = pd.Index(self.client_ids, name=CLIENT_DIM)

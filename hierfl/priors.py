@@ -85,23 +85,30 @@ _NEEDED = {"real": (-np.inf, np.inf), "positive": (0.0, np.inf), "unit": (0.0, 1
 
 def _check_support(name: str, support_name: str, prior) -> None:
     if prior.support.is_discrete:
-        raise PriorError(f"prior for {name!r} is discrete ({type(prior).__name__}, support "
-                         f"{prior.support}) but {name!r} is a continuous parameter")
+        raise PriorError(
+            f"prior for {name!r} is discrete ({type(prior).__name__}, support "
+            f"{prior.support}) but {name!r} is a continuous parameter"
+        )
     bounds = _bounds(prior.support)
     needed = _NEEDED[support_name]
     if bounds is None or bounds[0] < needed[0] or bounds[1] > needed[1]:
-        hint = f"; use 'log_{name}' for a prior on the log scale" if support_name == "positive" \
-            else ""
-        raise PriorError(f"prior for {name!r} has support {prior.support} but {name!r} must be "
-                         f"{support_name}{hint}")
+        hint = (
+            f"; use 'log_{name}' for a prior on the log scale" if support_name == "positive" else ""
+        )
+        raise PriorError(
+            f"prior for {name!r} has support {prior.support} but {name!r} must be "
+            f"{support_name}{hint}"
+        )
 
 
 def _shaped(name: str, prior, shape: tuple[int, ...]):
     batch, event = tuple(prior.batch_shape), tuple(prior.event_shape)
     if event == shape:
         if batch:
-            raise PriorError(f"prior for {name!r}: batch shape {batch} not allowed for a "
-                             f"parameter of shape {shape}")
+            raise PriorError(
+                f"prior for {name!r}: batch shape {batch} not allowed for a "
+                f"parameter of shape {shape}"
+            )
         return prior
     if event:
         raise PriorError(f"prior for {name!r}: event shape {event}, parameter has shape {shape}")
@@ -109,30 +116,37 @@ def _shaped(name: str, prior, shape: tuple[int, ...]):
         return prior.to_event(len(shape))
     if batch == ():
         return prior.expand(shape).to_event(len(shape))
-    raise PriorError(f"prior for {name!r}: batch shape {batch} does not fit parameter shape "
-                     f"{shape}")
+    raise PriorError(
+        f"prior for {name!r}: batch shape {batch} does not fit parameter shape {shape}"
+    )
 
 
 def _fixed_value(parameter: Parameter, prior) -> np.ndarray:
     """A fixed value as an array of the parameter's shape, or a PriorError naming it."""
     name = parameter.name
     if isinstance(prior, type) and issubclass(prior, dist.Distribution):
-        raise PriorError(f"prior for {name!r}: got the class {prior.__name__}, not a "
-                         f"distribution; call it with its parameters, e.g. {prior.__name__}(...)")
+        raise PriorError(
+            f"prior for {name!r}: got the class {prior.__name__}, not a "
+            f"distribution; call it with its parameters, e.g. {prior.__name__}(...)"
+        )
     try:
         value = np.asarray(prior, dtype=float)
     except (TypeError, ValueError):
-        raise PriorError(f"prior for {name!r} must be a NumPyro distribution or a number, got "
-                         f"{prior!r}") from None
+        raise PriorError(
+            f"prior for {name!r} must be a NumPyro distribution or a number, got {prior!r}"
+        ) from None
     try:
         return np.broadcast_to(value, parameter.shape)
     except ValueError:
-        raise PriorError(f"fixed value of {name!r} has shape {value.shape}, parameter has "
-                         f"shape {parameter.shape}") from None
+        raise PriorError(
+            f"fixed value of {name!r} has shape {value.shape}, parameter has "
+            f"shape {parameter.shape}"
+        ) from None
 
 
-def resolve_priors(parameters: tuple[Parameter, ...], defaults: Mapping[str, Any],
-                   user: Mapping[str, Any] | None) -> tuple[ResolvedPrior, ...]:
+def resolve_priors(
+    parameters: tuple[Parameter, ...], defaults: Mapping[str, Any], user: Mapping[str, Any] | None
+) -> tuple[ResolvedPrior, ...]:
     """Combine a family's defaults with the user's priors and check them.
 
     Raises
@@ -142,37 +156,40 @@ def resolve_priors(parameters: tuple[Parameter, ...], defaults: Mapping[str, Any
         fixed value out of the support, or two priors for one parameter.
     """
     if user is not None and not isinstance(user, Mapping):
-        raise PriorError(f"priors must be a dict {{parameter: distribution or value}}, got "
-                         f"{type(user).__name__}")
+        raise PriorError(
+            f"priors must be a dict {{parameter: distribution or value}}, got {type(user).__name__}"
+        )
     user = dict(user or {})
     by_name = {p.name: p for p in parameters}
     for key in user:
         base = key[4:] if key.startswith("log_") and key[4:] in by_name else key
         if base not in by_name:
-            raise PriorError(f"unknown parameter {key!r}; this family has "
-                             f"{[p.name for p in parameters]}")
+            raise PriorError(
+                f"unknown parameter {key!r}; this family has {[p.name for p in parameters]}"
+            )
         if key.startswith("log_") and by_name[base].support != "positive":
-            raise PriorError(f"'{key}': a log-scale prior needs a positive parameter, "
-                             f"{base!r} is {by_name[base].support}")
+            raise PriorError(
+                f"'{key}': a log-scale prior needs a positive parameter, "
+                f"{base!r} is {by_name[base].support}"
+            )
     resolved = []
     for p in parameters:
         plain, logged = p.name in user, f"log_{p.name}" in user
         if plain and logged:
-            raise PriorError(f"two priors for {p.name!r}: give either {p.name!r} or "
-                             f"'log_{p.name}'")
+            raise PriorError(f"two priors for {p.name!r}: give either {p.name!r} or 'log_{p.name}'")
         if logged:
             prior = user[f"log_{p.name}"]
             if not isinstance(prior, dist.Distribution):
                 raise PriorError(f"'log_{p.name}' must be a NumPyro distribution")
             _check_support(f"log_{p.name}", "real", prior)
-            resolved.append(ResolvedPrior(p, f"log_{p.name}", _shaped(p.name, prior, p.shape),
-                                          None, True))
+            resolved.append(
+                ResolvedPrior(p, f"log_{p.name}", _shaped(p.name, prior, p.shape), None, True)
+            )
             continue
         prior = user[p.name] if plain else defaults[p.name]
         if isinstance(prior, dist.Distribution):
             _check_support(p.name, p.support, prior)
-            resolved.append(ResolvedPrior(p, p.name, _shaped(p.name, prior, p.shape), None,
-                                          False))
+            resolved.append(ResolvedPrior(p, p.name, _shaped(p.name, prior, p.shape), None, False))
             continue
         value = _fixed_value(p, prior)
         lower, upper = _NEEDED[p.support]

@@ -69,13 +69,19 @@ class FederatedAlgorithm(NamedTuple):
     personal_in_info: bool = False
 
 
-def finalize_clients(algorithm: FederatedAlgorithm, vmapped_update, keys, broadcast,
-                     client_states, client_data):
+def finalize_clients(
+    algorithm: FederatedAlgorithm, vmapped_update, keys, broadcast, client_states, client_data
+):
     """Every client's personal posterior against ``broadcast`` (see ``personal_in_info``)."""
     if algorithm.personal_in_info:
         return map_clients(vmapped_update, keys, broadcast, client_states, client_data)[2].personal
-    return map_clients(jax.jit(jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0))),
-                       keys, broadcast, client_states, client_data)
+    return map_clients(
+        jax.jit(jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0))),
+        keys,
+        broadcast,
+        client_states,
+        client_data,
+    )
 
 
 class SkipRecord(NamedTuple):
@@ -109,8 +115,10 @@ def message_schema(message: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shapes and dtypes of a single client's message (arrays or ``ShapeDtypeStruct``s),
     keyed by tree path."""
     leaves = jax.tree_util.tree_leaves_with_path(message)
-    return {jax.tree_util.keystr(path): (tuple(np.shape(leaf)), str(np.dtype(leaf.dtype)))
-            for path, leaf in leaves}
+    return {
+        jax.tree_util.keystr(path): (tuple(np.shape(leaf)), str(np.dtype(leaf.dtype)))
+        for path, leaf in leaves
+    }
 
 
 class ClientGroups(NamedTuple):
@@ -145,8 +153,9 @@ def map_clients(fn: Callable, keys, broadcast, client_states, client_data):
     return jax.tree_util.tree_map(lambda *parts: jnp.concatenate(parts)[order], *outputs)
 
 
-def algorithm_schema(vmapped_update, keys, broadcast, client_states, client_data
-                     ) -> dict[str, tuple[tuple[int, ...], str]]:
+def algorithm_schema(
+    vmapped_update, keys, broadcast, client_states, client_data
+) -> dict[str, tuple[tuple[int, ...], str]]:
     """The message schema the algorithm declares: the per-client shapes its (jitted, vmapped)
     ``client_update`` returns, found by ``eval_shape`` (nothing runs, and the trace is shared
     with the call that follows), so a malformed first round is rejected instead of defining
@@ -157,7 +166,8 @@ def algorithm_schema(vmapped_update, keys, broadcast, client_states, client_data
         client_states = jax.tree_util.tree_map(lambda a: a[rows], client_states)
     shapes = vmapped_update.eval_shape(keys, broadcast, client_states, client_data)[1]
     per_client = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes)
+        lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes
+    )
     return message_schema(per_client)
 
 
@@ -171,8 +181,9 @@ def _takes_broadcast(check: Callable) -> bool:
     return len(positional) >= 2
 
 
-def validate_messages(messages: PyTree, schema: dict, check: Callable | None = None,
-                      broadcast: PyTree = None):
+def validate_messages(
+    messages: PyTree, schema: dict, check: Callable | None = None, broadcast: PyTree = None
+):
     """Check stacked messages row by row.
 
     Parameters
@@ -195,14 +206,14 @@ def validate_messages(messages: PyTree, schema: dict, check: Callable | None = N
     leaves = jax.tree_util.tree_leaves_with_path(messages)
     got = {jax.tree_util.keystr(p): leaf for p, leaf in leaves}
     if set(got) != set(schema):
-        raise ValueError(f"message fields {sorted(got)} do not match the schema "
-                         f"{sorted(schema)}")
+        raise ValueError(f"message fields {sorted(got)} do not match the schema {sorted(schema)}")
     num = None
     for name, leaf in got.items():
         shape, _ = schema[name]
         if tuple(np.shape(leaf)[1:]) != shape:
-            raise ValueError(f"message field {name}: shape {np.shape(leaf)[1:]} per client, "
-                             f"schema says {shape}")
+            raise ValueError(
+                f"message field {name}: shape {np.shape(leaf)[1:]} per client, schema says {shape}"
+            )
         num = np.shape(leaf)[0]
     ok = np.ones(num, dtype=bool)
     reasons = [""] * num
@@ -213,8 +224,7 @@ def validate_messages(messages: PyTree, schema: dict, check: Callable | None = N
         ok &= finite
     if check is not None:
         if _takes_broadcast(check):
-            valid = np.asarray(jax.vmap(check, in_axes=(0, None))(messages, broadcast),
-                               dtype=bool)
+            valid = np.asarray(jax.vmap(check, in_axes=(0, None))(messages, broadcast), dtype=bool)
         else:
             valid = np.asarray(jax.vmap(check)(messages), dtype=bool)
         for i in np.flatnonzero(ok & ~valid):
@@ -226,9 +236,11 @@ def validate_messages(messages: PyTree, schema: dict, check: Callable | None = N
 @jax.jit
 def _select(mask, new, old):
     """Row-wise choice between two client-stacked pytrees (one compiled program)."""
+
     def choose(a, b):
         m = mask.reshape(mask.shape + (1,) * (jnp.ndim(a) - 1))
         return jnp.where(m, a, b)
+
     return jax.tree_util.tree_map(choose, new, old)
 
 
@@ -301,8 +313,12 @@ def simulate(
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=num_rounds, initial=start_round,
-                   desc=progress if isinstance(progress, str) else "rounds")
+
+        bar = tqdm(
+            total=num_rounds,
+            initial=start_round,
+            desc=progress if isinstance(progress, str) else "rounds",
+        )
     for round_index in range(start_round, num_rounds):
         round_key = jax.random.fold_in(run_key, round_index)
         pick_key, drop_key, client_key, server_key = jax.random.split(round_key, 4)
@@ -316,20 +332,24 @@ def simulate(
         broadcast = algorithm.broadcast(server_state)
         keys = jax.random.split(client_key, num_clients)
         new_states, messages, _ = map_clients(
-            vmapped_update, keys, broadcast, client_states, client_data)
+            vmapped_update, keys, broadcast, client_states, client_data
+        )
         if corrupt is not None:
             messages = corrupt(round_index, messages)
         if schema is None:
-            schema = algorithm_schema(vmapped_update, keys, broadcast, client_states,
-                                      client_data)
+            schema = algorithm_schema(vmapped_update, keys, broadcast, client_states, client_data)
         ok, reasons = validate_messages(messages, schema, algorithm.validate_message, broadcast)
         for i in np.flatnonzero(working & ~ok):
             skips.append(SkipRecord(round_index, client_ids[i], reasons[i]))
         received = working & ok
-        client_states = new_states if received.all() else _select(
-            jnp.asarray(received), new_states, client_states)
+        client_states = (
+            new_states
+            if received.all()
+            else _select(jnp.asarray(received), new_states, client_states)
+        )
         server_state, server_info = algorithm.server_update(
-            server_key, server_state, messages, jnp.asarray(received))
+            server_key, server_state, messages, jnp.asarray(received)
+        )
         record = RoundRecord(round_index, int(working.sum()), int(received.sum()), server_info)
         rounds.append(record)
         if on_round is not None:
@@ -341,9 +361,9 @@ def simulate(
             break
     if bar is not None:
         bar.close()
-    broadcast = (algorithm.broadcast if final_broadcast is None else final_broadcast)(
-        server_state)
+    broadcast = (algorithm.broadcast if final_broadcast is None else final_broadcast)(server_state)
     final_keys = jax.random.split(final_key, num_clients)
-    personal = finalize_clients(algorithm, vmapped_update, final_keys, broadcast, client_states,
-                                client_data)
+    personal = finalize_clients(
+        algorithm, vmapped_update, final_keys, broadcast, client_states, client_data
+    )
     return SimulationResult(server_state, client_states, personal, rounds, skips)

@@ -48,6 +48,8 @@ def family(priors=None) -> hf.NormalNormal:
 
 def spectrum() -> dict[str, hf.NormalNormal]:
     """No, complete and partial pooling as three families."""
-    return {"no pooling": family({"tau": NO_POOLING_TAU}),
-            "complete pooling": family({"tau": 0.0}),
-            "partial pooling": family()}
+    return {
+        "no pooling": family({"tau": NO_POOLING_TAU}),
+        "complete pooling": family({"tau": 0.0}),
+        "partial pooling": family(),
+    }

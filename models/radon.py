@@ -37,8 +37,7 @@ __all__ = ["FIELDS", "PRIORS", "county_intercepts", "family", "frame", "load", "
 
 FIELDS = ("log_radon", "floor", "log_uranium", "floor_mean")
 #: weakly informative priors on the log-radon scale (observed sd of log radon is 0.8)
-PRIORS = {"beta": dist.Normal(0.0, 5.0), "sigma": dist.HalfNormal(2.0),
-          "tau": dist.HalfNormal(2.0)}
+PRIORS = {"beta": dist.Normal(0.0, 5.0), "sigma": dist.HalfNormal(2.0), "tau": dist.HalfNormal(2.0)}
 #: tau standing in for "no pooling": ten times the sd of log radon
 NO_POOLING_TAU = 10.0
 
@@ -55,21 +54,25 @@ def frame() -> pd.DataFrame:
 
 def load(df: pd.DataFrame | None = None) -> hf.ClientData:
     """Client data: one client per county (its name), fields :data:`FIELDS`."""
-    return hf.ClientData.from_frame(frame() if df is None else df, client="county",
-                                    fields=list(FIELDS))
+    return hf.ClientData.from_frame(
+        frame() if df is None else df, client="county", fields=list(FIELDS)
+    )
 
 
 def family(priors=None, *, fixed=("floor", "log_uranium", "floor_mean")) -> hf.LinearMixed:
     """Partial pooling (the reference configuration): random county intercept."""
-    return hf.LinearMixed(response="log_radon", fixed=list(fixed),
-                          priors=dict(PRIORS, **(priors or {})))
+    return hf.LinearMixed(
+        response="log_radon", fixed=list(fixed), priors=dict(PRIORS, **(priors or {}))
+    )
 
 
 def spectrum() -> dict[str, hf.LinearMixed]:
     """No, complete and partial pooling."""
-    return {"no pooling": family({"tau": NO_POOLING_TAU}, fixed=("floor",)),
-            "complete pooling": family({"tau": 0.0}, fixed=("floor",)),
-            "partial pooling": family()}
+    return {
+        "no pooling": family({"tau": NO_POOLING_TAU}, fixed=("floor",)),
+        "complete pooling": family({"tau": 0.0}, fixed=("floor",)),
+        "partial pooling": family(),
+    }
 
 
 def county_intercepts(fit: hf.Fit) -> np.ndarray:

@@ -33,8 +33,9 @@ class Truth(NamedTuple):
 TRUTH = Truth(beta=(1.0, -0.5), sigma=1.0, tau=0.5)
 
 
-def generate(num_clients: int, *, mean_size: float = 10.0, seed: int = 0,
-             truth: Truth = TRUTH) -> tuple[hf.ClientData, np.ndarray]:
+def generate(
+    num_clients: int, *, mean_size: float = 10.0, seed: int = 0, truth: Truth = TRUTH
+) -> tuple[hf.ClientData, np.ndarray]:
     """Client data with fields ``y`` and ``x``, and the true client effects ``b``.
 
     Examples
@@ -54,6 +55,9 @@ def generate(num_clients: int, *, mean_size: float = 10.0, seed: int = 0,
 
 def family(priors=None) -> hf.LinearMixed:
     """Random-intercept model with one covariate, weakly informative priors."""
-    base = {"beta": dist.Normal(0.0, 5.0), "sigma": dist.HalfNormal(2.0),
-            "tau": dist.HalfNormal(2.0)}
+    base = {
+        "beta": dist.Normal(0.0, 5.0),
+        "sigma": dist.HalfNormal(2.0),
+        "tau": dist.HalfNormal(2.0),
+    }
     return hf.LinearMixed(response="y", fixed=["x"], priors=dict(base, **(priors or {})))

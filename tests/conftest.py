@@ -72,19 +72,31 @@ def assert_posteriors_agree(a: np.ndarray, b: np.ndarray, name: str):
     sd_a, sd_b = a.std(axis=(0, 1)), b.std(axis=(0, 1))
     mean_tolerance = Z * np.hypot(mcse_of_mean(a), mcse_of_mean(b))
     bad = np.abs(mean_a - mean_b) > mean_tolerance
-    assert not bad.any(), (f"{name}: means differ at {np.flatnonzero(bad)}: {mean_a[bad]} vs "
-                           f"{mean_b[bad]} (tolerance {mean_tolerance[bad]})")
+    assert not bad.any(), (
+        f"{name}: means differ at {np.flatnonzero(bad)}: {mean_a[bad]} vs "
+        f"{mean_b[bad]} (tolerance {mean_tolerance[bad]})"
+    )
     ratio = sd_a / sd_b
-    ratio_tolerance = np.maximum(SD_RATIO, Z * ratio * np.hypot(mcse_of_sd(a) / sd_a,
-                                                                mcse_of_sd(b) / sd_b))
+    ratio_tolerance = np.maximum(
+        SD_RATIO, Z * ratio * np.hypot(mcse_of_sd(a) / sd_a, mcse_of_sd(b) / sd_b)
+    )
     bad = np.abs(ratio - 1) > ratio_tolerance
-    assert not bad.any(), (f"{name}: sd ratios {ratio[bad]} at {np.flatnonzero(bad)} "
-                           f"(tolerance {ratio_tolerance[bad]})")
+    assert not bad.any(), (
+        f"{name}: sd ratios {ratio[bad]} at {np.flatnonzero(bad)} "
+        f"(tolerance {ratio_tolerance[bad]})"
+    )
 
 
-def synthetic_linear_mixed(num_clients: int, *, seed: int = 0, tau: float = 0.5,
-                           sigma: float = 1.0, beta=(1.0, 0.7), min_size: int = 5,
-                           max_size: int = 15) -> hf.ClientData:
+def synthetic_linear_mixed(
+    num_clients: int,
+    *,
+    seed: int = 0,
+    tau: float = 0.5,
+    sigma: float = 1.0,
+    beta=(1.0, 0.7),
+    min_size: int = 5,
+    max_size: int = 15,
+) -> hf.ClientData:
     """Ragged synthetic data from a linear mixed model with a random intercept.
 
     ``y = beta_0 + beta_1 x + b_i + eps``, ``b_i ~ N(0, tau^2)``, ``eps ~ N(0, sigma^2)``;
@@ -101,8 +113,9 @@ def synthetic_linear_mixed(num_clients: int, *, seed: int = 0, tau: float = 0.5,
     return hf.ClientData.from_dict(clients)
 
 
-def ragged_normal(*, seed: int = 0, num_clients: int = 12, big: int = 200,
-                  tau: float = 2.0, mu: float = 1.0) -> hf.ClientData:
+def ragged_normal(
+    *, seed: int = 0, num_clients: int = 12, big: int = 200, tau: float = 2.0, mu: float = 1.0
+) -> hf.ClientData:
     """Normal–Normal data: client ``"big"`` holds ``big`` rows, the rest 1 to 6 rows each."""
     rng = np.random.default_rng(seed)
     theta = rng.normal(mu, tau, num_clients)
@@ -132,12 +145,14 @@ def tiny():
 @pytest.fixture(scope="session")
 def eight_schools_data():
     from models import eight_schools
+
     return eight_schools.load()
 
 
 @pytest.fixture(scope="session")
 def eight_schools_family():
     from models import eight_schools
+
     return eight_schools.family()
 
 
@@ -155,12 +170,14 @@ def eight_schools_nuts(eight_schools_family, eight_schools_data):
 @pytest.fixture(scope="session")
 def radon_data():
     from models import radon
+
     return radon.load()
 
 
 @pytest.fixture(scope="session")
 def radon_family():
     from models import radon
+
     return radon.family()
 
 

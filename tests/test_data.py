@@ -21,11 +21,13 @@ def ragged():
 
 @pytest.fixture
 def frame():
-    return pd.DataFrame({
-        "county": ["b", "a", "b", "c", "a", "b"],
-        "y": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-        "x": [0, 1, 0, 1, 1, 0],
-    })
+    return pd.DataFrame(
+        {
+            "county": ["b", "a", "b", "c", "a", "b"],
+            "y": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            "x": [0, 1, 0, 1, 1, 0],
+        }
+    )
 
 
 # ---------------------------------------------------------------------- construction
@@ -83,8 +85,12 @@ def test_from_frame_sorted_and_field_selection(frame):
 
 def test_from_frame_matches_from_dict(frame):
     by_frame = ClientData.from_frame(frame, client="county")
-    by_dict = ClientData.from_dict({c: {"y": g["y"].to_numpy(), "x": g["x"].to_numpy()}
-                                    for c, g in frame.groupby("county", sort=False)})
+    by_dict = ClientData.from_dict(
+        {
+            c: {"y": g["y"].to_numpy(), "x": g["x"].to_numpy()}
+            for c, g in frame.groupby("county", sort=False)
+        }
+    )
     assert by_frame.client_ids == by_dict.client_ids
     for name in ("y", "x"):
         np.testing.assert_array_equal(by_frame.fields[name], by_dict.fields[name])
@@ -171,8 +177,7 @@ def _bad(**fields):
         ({"y": np.array([1.0 + 1j, 2.0])}, ["dtype"]),
         ({"y": 3.0}, ["scalar"]),
     ],
-    ids=["nan", "inf", "neg-inf", "mismatched-lengths", "string", "object", "complex",
-         "scalar"],
+    ids=["nan", "inf", "neg-inf", "mismatched-lengths", "string", "object", "complex", "scalar"],
 )
 def test_bad_values_name_client_and_field(fields, words):
     (name,) = fields
@@ -242,9 +247,11 @@ def test_flat_constructor_checks_sizes_and_lengths():
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [(np.array([1.0, 2.0, np.nan]), "client 'b', field 'y': NaN at row 1"),
-     (np.array([np.inf, 1.0, 1.0]), "client 'a', field 'y': infinite value at row 0"),
-     (np.array([[1.0, 1.0], [1.0, 1.0], [1.0, np.nan]]), "client 'b', field 'y': NaN at row 1")],
+    [
+        (np.array([1.0, 2.0, np.nan]), "client 'b', field 'y': NaN at row 1"),
+        (np.array([np.inf, 1.0, 1.0]), "client 'a', field 'y': infinite value at row 0"),
+        (np.array([[1.0, 1.0], [1.0, 1.0], [1.0, np.nan]]), "client 'b', field 'y': NaN at row 1"),
+    ],
     ids=["nan", "inf", "nan-in-matrix-row"],
 )
 def test_flat_constructor_validates_values_naming_the_client(value, message):

@@ -40,11 +40,9 @@ def test_the_agreement_check_can_fail(eight_schools_nuts):
         assert_posteriors_agree(mean + 1.3 * (theta - mean), theta, "theta")
 
 
-def test_eight_schools_exact_agrees_with_centralized_nuts(eight_schools_exact,
-                                                          eight_schools_nuts):
+def test_eight_schools_exact_agrees_with_centralized_nuts(eight_schools_exact, eight_schools_nuts):
     assert eight_schools_exact.method == "exact" and eight_schools_nuts.method == "nuts"
-    exact, nuts = (eight_schools_exact.posterior_samples(),
-                   eight_schools_nuts.posterior_samples())
+    exact, nuts = (eight_schools_exact.posterior_samples(), eight_schools_nuts.posterior_samples())
     assert set(exact) == set(nuts) == {"mu", "tau", "theta"}
     for name in ("mu", "tau", "theta"):
         assert exact[name].shape == nuts[name].shape
@@ -109,8 +107,9 @@ def test_laplace_server_agrees_with_nuts_server_on_many_clients(many_clients):
     for name in ("beta", "sigma", "tau"):
         a, b = laplace.global_samples[name], nuts.global_samples[name]
         sd = b.std(axis=(0, 1))
-        np.testing.assert_array_less(np.abs(a.mean(axis=(0, 1)) - b.mean(axis=(0, 1))),
-                                     0.1 * sd, err_msg=name)
+        np.testing.assert_array_less(
+            np.abs(a.mean(axis=(0, 1)) - b.mean(axis=(0, 1))), 0.1 * sd, err_msg=name
+        )
         np.testing.assert_array_less(np.abs(a.std(axis=(0, 1)) / sd - 1), 0.1, err_msg=name)
     # and both recover the truth that generated the data
     truth = {"beta": [1.0, 0.7], "sigma": 1.0, "tau": 0.5}
@@ -162,14 +161,16 @@ def test_normal_normal_with_fixed_tau_is_exact():
     assert w[big] < 0.01 and abs(mean[big] - ybar[big]) < 0.05
     # the lazily drawn client samples follow the same posterior
     theta = fit.posterior_samples()["theta"]
-    assert np.all(np.abs(theta.mean(axis=(0, 1)) - mean) < Z * sd / np.sqrt(theta.shape[0]
-                                                                             * theta.shape[1])
-                  + Z * mcse_of_mean(mu))
+    assert np.all(
+        np.abs(theta.mean(axis=(0, 1)) - mean)
+        < Z * sd / np.sqrt(theta.shape[0] * theta.shape[1]) + Z * mcse_of_mean(mu)
+    )
 
 
 # ---------------------------------------------------------------------- reliability
-def test_fixed_seed_gives_identical_fits(eight_schools_family, eight_schools_data,
-                                         eight_schools_exact):
+def test_fixed_seed_gives_identical_fits(
+    eight_schools_family, eight_schools_data, eight_schools_exact
+):
     again = hf.fit(eight_schools_family, eight_schools_data, method="exact", seed=1, **FAST)
     for name, value in eight_schools_exact.posterior_samples().items():
         np.testing.assert_array_equal(again.posterior_samples()[name], value, err_msg=name)
@@ -196,16 +197,26 @@ def test_exact_needs_a_conjugate_family(eight_schools_data):
 
 # ---------------------------------------------------------------------- the exact engine's round
 def test_exact_engine_dropout_is_recorded_and_dropped_clients_contribute_nothing(
-        eight_schools_data, eight_schools_family):
+    eight_schools_data, eight_schools_family
+):
     data, family = eight_schools_data, eight_schools_family
     padded, mask = data.padded()
-    stacked = {"fields": {k: jnp.asarray(v, jnp.float32) for k, v in padded.items()},
-               "mask": jnp.asarray(mask)}
+    stacked = {
+        "fields": {k: jnp.asarray(v, jnp.float32) for k, v in padded.items()},
+        "mask": jnp.asarray(mask),
+    }
     settings = GlobalsSettings(num_warmup=100, num_samples=100, num_chains=1)
-    algorithm = exact_algorithm(family, server="nuts", settings=settings,
-                                num_clients=data.num_clients)
-    result = simulate(algorithm, jax.random.PRNGKey(4), stacked, client_ids=data.client_ids,
-                      num_rounds=1, dropout=0.4)
+    algorithm = exact_algorithm(
+        family, server="nuts", settings=settings, num_clients=data.num_clients
+    )
+    result = simulate(
+        algorithm,
+        jax.random.PRNGKey(4),
+        stacked,
+        client_ids=data.client_ids,
+        num_rounds=1,
+        dropout=0.4,
+    )
     dropped = [s.client for s in result.skips]
     assert dropped and all(s.reason == "dropped out" and s.round == 0 for s in result.skips)
     received = np.array([c not in dropped for c in data.client_ids])
@@ -218,8 +229,11 @@ def test_exact_engine_dropout_is_recorded_and_dropped_clients_contribute_nothing
     # the server ignores every row it did not receive: garbage there changes no draw
     full = jax.vmap(family.statistics)(stacked["fields"], stacked["mask"])
     garbage = jax.tree_util.tree_map(
-        lambda v: jnp.where(jnp.asarray(received).reshape((-1,) + (1,) * (v.ndim - 1)),
-                            v, 1e3 * v + 5.0), full)
+        lambda v: jnp.where(
+            jnp.asarray(received).reshape((-1,) + (1,) * (v.ndim - 1)), v, 1e3 * v + 5.0
+        ),
+        full,
+    )
     state, _ = algorithm.init(jax.random.PRNGKey(0), stacked)
     key = jax.random.PRNGKey(8)
     clean, _ = algorithm.server_update(key, state, full, jnp.asarray(received))
@@ -251,8 +265,9 @@ def test_random_slopes_exact_agrees_with_centralized_nuts():
 
 
 @pytest.mark.slow
-def test_fixed_seed_gives_identical_centralized_nuts(eight_schools_family, eight_schools_data,
-                                                     eight_schools_nuts):
+def test_fixed_seed_gives_identical_centralized_nuts(
+    eight_schools_family, eight_schools_data, eight_schools_nuts
+):
     again = hf.fit(eight_schools_family, eight_schools_data, method="nuts", seed=2, **FAST)
     for name, value in eight_schools_nuts.posterior_samples().items():
         np.testing.assert_array_equal(again.posterior_samples()[name], value, err_msg=name)

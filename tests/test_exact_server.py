@@ -22,8 +22,9 @@ def test_pre_aggregated_likelihood_equals_sum_of_client_terms(random):
         received = jnp.arange(40) % 3 != 0
         tau = jnp.array(0.6) if not random else jnp.array([0.6, 0.3])
         phi = {"beta": jnp.array([0.9, -0.4]), "sigma": jnp.array(1.1), "tau": tau}
-        summed = jnp.sum(jnp.where(received, jax.vmap(family.log_marginal, (None, 0))(
-            phi, stats), 0.0))
+        summed = jnp.sum(
+            jnp.where(received, jax.vmap(family.log_marginal, (None, 0))(phi, stats), 0.0)
+        )
         total = family.total_log_marginal(phi, family.server_statistics(stats, received))
     np.testing.assert_allclose(float(total), float(summed), rtol=1e-12)
 
@@ -32,11 +33,13 @@ def test_newton_mode_and_hessian_on_a_quadratic():
     a = np.array([[3.0, 1.0], [1.0, 2.0]])
     b = np.array([1.0, -2.0])
     with x64():
+
         def potential(x):
             return 0.5 * x @ jnp.asarray(a) @ x - jnp.asarray(b) @ x
 
         mode, hessian, decrement, _ = jax.jit(newton_mode, static_argnums=0)(
-            potential, jnp.zeros(2))
+            potential, jnp.zeros(2)
+        )
         _, grad, hess = value_grad_hessian(potential)(mode)
     # stopping rule: Newton decrement g'H^-1g < 1e-10, i.e. |x - mode|_H < 1e-5
     np.testing.assert_allclose(np.asarray(mode), np.linalg.solve(a, b), atol=1e-5)
@@ -54,17 +57,24 @@ def test_second_fit_of_a_family_does_not_recompile_the_server(server):
     first, _ = synthetic_lmm.generate(30, seed=1)
     second, _ = synthetic_lmm.generate(30, seed=2)
     hf.fit(family, first, **options)
-    program = (globals_inference._nuts_chain_program if server == "nuts"
-               else globals_inference._laplace_programs)
+    program = (
+        globals_inference._nuts_chain_program
+        if server == "nuts"
+        else globals_inference._laplace_programs
+    )
     before = program.cache_info()
     hf.fit(family, second, **options)
     after = program.cache_info()
     assert after.hits == before.hits + 1 and after.misses == before.misses
-    jitted = (program(exact_model(family), 50, 50, 0.9, True) if server == "nuts"
-              else program(exact_model(family), 10, 50, 16)[0])
+    jitted = (
+        program(exact_model(family), 50, 50, 0.9, True)
+        if server == "nuts"
+        else program(exact_model(family), 10, 50, 16)[0]
+    )
     assert jitted._cache_size() == 1
 
 
 def exact_model(family):
     from hierfl.engines.exact import collapsed_model
+
     return collapsed_model(family)

@@ -31,8 +31,15 @@ def _log_quad(log_f, lo, hi, points=None):
     """log of the integral of exp(log_f) over [lo, hi], stabilized by the max on a grid."""
     grid = np.linspace(lo, hi, 4001)
     shift = max(log_f(t) for t in grid)
-    value, error = integrate.quad(lambda t: np.exp(log_f(t) - shift), lo, hi, points=points,
-                                  limit=200, epsabs=0.0, epsrel=1e-10)
+    value, error = integrate.quad(
+        lambda t: np.exp(log_f(t) - shift),
+        lo,
+        hi,
+        points=points,
+        limit=200,
+        epsabs=0.0,
+        epsrel=1e-10,
+    )
     assert error < 1e-6 * value
     return np.log(value) + shift
 
@@ -50,8 +57,9 @@ def test_normal_normal_log_marginal_equals_quadrature(normal_client, mu, tau):
     family = hf.NormalNormal()
     y, s = normal_client["y"], normal_client["sigma"]
     with x64():
-        value = float(family.log_marginal(_jnp({"mu": mu, "tau": tau}),
-                                          _stats(family, normal_client)))
+        value = float(
+            family.log_marginal(_jnp({"mu": mu, "tau": tau}), _stats(family, normal_client))
+        )
 
     def log_f(theta):
         return stats.norm.logpdf(theta, mu, tau) + stats.norm.logpdf(y, theta, s).sum()
@@ -59,17 +67,18 @@ def test_normal_normal_log_marginal_equals_quadrature(normal_client, mu, tau):
     precision = 1 / tau**2 + np.sum(1 / s**2)
     centre = (mu / tau**2 + np.sum(y / s**2)) / precision
     width = 30 / np.sqrt(precision)
-    np.testing.assert_allclose(value, _log_quad(log_f, centre - width, centre + width,
-                                                points=[centre]), rtol=1e-8)
+    np.testing.assert_allclose(
+        value, _log_quad(log_f, centre - width, centre + width, points=[centre]), rtol=1e-8
+    )
 
 
 def test_normal_normal_log_marginal_single_observation_is_a_normal_density():
     family = hf.NormalNormal()
     with x64():
-        value = family.log_marginal(_jnp({"mu": 1.0, "tau": 2.0}),
-                                    _stats(family, {"y": [4.0], "sigma": [3.0]}))
-    np.testing.assert_allclose(value, stats.norm.logpdf(4.0, 1.0, np.sqrt(4.0 + 9.0)),
-                               rtol=1e-12)
+        value = family.log_marginal(
+            _jnp({"mu": 1.0, "tau": 2.0}), _stats(family, {"y": [4.0], "sigma": [3.0]})
+        )
+    np.testing.assert_allclose(value, stats.norm.logpdf(4.0, 1.0, np.sqrt(4.0 + 9.0)), rtol=1e-12)
 
 
 @pytest.mark.parametrize(("mu", "tau"), [(0.3, 1.7), (-2.0, 0.05)])
@@ -77,8 +86,7 @@ def test_normal_normal_conditional_is_the_conjugate_posterior(normal_client, mu,
     family = hf.NormalNormal()
     y, s = normal_client["y"], normal_client["sigma"]
     with x64():
-        posterior = family.conditional(_jnp({"mu": mu, "tau": tau}),
-                                       _stats(family, normal_client))
+        posterior = family.conditional(_jnp({"mu": mu, "tau": tau}), _stats(family, normal_client))
     precision = 1 / tau**2 + np.sum(1 / s**2)
     mean = (mu / tau**2 + np.sum(y / s**2)) / precision
     np.testing.assert_allclose(posterior.loc, mean, rtol=1e-10)
@@ -94,8 +102,9 @@ def test_normal_normal_tau_zero_pools_completely(normal_client):
         value = family.log_marginal(phi, statistics)
         # a zero scale is a point mass; NumPyro's eager argument check rejects it, so read
         # the moments under jit as the engine does
-        loc, scale = jax.jit(lambda p, t: (family.conditional(p, t).loc,
-                                           family.conditional(p, t).scale))(phi, statistics)
+        loc, scale = jax.jit(
+            lambda p, t: (family.conditional(p, t).loc, family.conditional(p, t).scale)
+        )(phi, statistics)
     np.testing.assert_allclose(value, stats.norm.logpdf(y, 0.7, s).sum(), rtol=1e-10)
     np.testing.assert_allclose(loc, 0.7)
     np.testing.assert_allclose(scale, 0.0)
@@ -110,21 +119,26 @@ def _lmm_client(n=7, seed=1):
 
 LMM_CASES = {
     "intercept": dict(family=dict(fixed=["x", "w"]), beta=[0.4, 1.1, -0.2], tau=0.8),
-    "intercept+slope": dict(family=dict(fixed=["x", "w"], random=["x"]),
-                            beta=[0.4, 1.1, -0.2], tau=[0.8, 0.5]),
-    "slope-only": dict(family=dict(fixed=["x"], random=["w"], random_intercept=False),
-                       beta=[0.4, 1.1], tau=0.6),
-    "slope-variance-zero": dict(family=dict(fixed=["x", "w"], random=["x"]),
-                                beta=[0.4, 1.1, -0.2], tau=[0.8, 0.0]),
+    "intercept+slope": dict(
+        family=dict(fixed=["x", "w"], random=["x"]), beta=[0.4, 1.1, -0.2], tau=[0.8, 0.5]
+    ),
+    "slope-only": dict(
+        family=dict(fixed=["x"], random=["w"], random_intercept=False), beta=[0.4, 1.1], tau=0.6
+    ),
+    "slope-variance-zero": dict(
+        family=dict(fixed=["x", "w"], random=["x"]), beta=[0.4, 1.1, -0.2], tau=[0.8, 0.0]
+    ),
 }
 
 
 def _designs(family, fields):
     n = len(fields["y"])
-    x = np.column_stack(([np.ones(n)] if family.intercept else [])
-                        + [fields[f] for f in family.fixed])
-    z = np.column_stack(([np.ones(n)] if family.random_intercept else [])
-                        + [fields[f] for f in family.random])
+    x = np.column_stack(
+        ([np.ones(n)] if family.intercept else []) + [fields[f] for f in family.fixed]
+    )
+    z = np.column_stack(
+        ([np.ones(n)] if family.random_intercept else []) + [fields[f] for f in family.random]
+    )
     return x, z
 
 
@@ -136,8 +150,9 @@ def test_linear_mixed_log_marginal_is_the_multivariate_normal(case):
     beta, sigma = np.asarray(spec["beta"]), 0.9
     tau = np.broadcast_to(spec["tau"], (family.num_effects,))
     with x64():
-        value = family.log_marginal(_jnp({"beta": beta, "sigma": sigma, "tau": spec["tau"]}),
-                                    _stats(family, client))
+        value = family.log_marginal(
+            _jnp({"beta": beta, "sigma": sigma, "tau": spec["tau"]}), _stats(family, client)
+        )
     x, z = _designs(family, client)
     covariance = sigma**2 * np.eye(len(client["y"])) + z @ np.diag(tau**2) @ z.T
     expected = stats.multivariate_normal(x @ beta, covariance).logpdf(client["y"])
@@ -152,8 +167,9 @@ def test_linear_mixed_conditional_is_the_conjugate_posterior(case):
     beta, sigma = np.asarray(spec["beta"]), 0.9
     tau = np.broadcast_to(spec["tau"], (family.num_effects,))
     with x64():
-        posterior = family.conditional(_jnp({"beta": beta, "sigma": sigma, "tau": spec["tau"]}),
-                                       _stats(family, client))
+        posterior = family.conditional(
+            _jnp({"beta": beta, "sigma": sigma, "tau": spec["tau"]}), _stats(family, client)
+        )
     x, z = _designs(family, client)
     precision = z.T @ z / sigma**2 + np.diag(1 / tau**2)
     covariance = np.linalg.inv(precision)
@@ -163,8 +179,7 @@ def test_linear_mixed_conditional_is_the_conjugate_posterior(case):
         np.testing.assert_allclose(posterior.scale, np.sqrt(covariance[0, 0]), rtol=1e-10)
     else:
         np.testing.assert_allclose(posterior.mean, mean, rtol=1e-9)
-        np.testing.assert_allclose(posterior.covariance_matrix, covariance, rtol=1e-8,
-                                   atol=1e-9)
+        np.testing.assert_allclose(posterior.covariance_matrix, covariance, rtol=1e-8, atol=1e-9)
 
 
 @pytest.mark.parametrize("case", ["intercept", "intercept+slope"])
@@ -175,11 +190,13 @@ def test_linear_mixed_tau_zero_is_the_pooled_regression(case):
     beta, sigma = np.asarray(spec["beta"]), 1.3
     tau0 = np.zeros_like(np.asarray(spec["tau"], dtype=float))
     with x64():
-        value = family.log_marginal(_jnp({"beta": beta, "sigma": sigma, "tau": tau0}),
-                                    _stats(family, client))
+        value = family.log_marginal(
+            _jnp({"beta": beta, "sigma": sigma, "tau": tau0}), _stats(family, client)
+        )
     x, _ = _designs(family, client)
-    np.testing.assert_allclose(value, stats.norm.logpdf(client["y"], x @ beta, sigma).sum(),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        value, stats.norm.logpdf(client["y"], x @ beta, sigma).sum(), rtol=1e-12
+    )
 
 
 def test_linear_mixed_statistics_are_the_normal_equations():
@@ -222,8 +239,10 @@ def test_beta_binomial_single_observation_is_scipy_betabinom(mean, concentration
     a, b = mean * concentration, (1 - mean) * concentration
     for k, n in [(0, 10), (3, 10), (10, 10), (7, 31)]:
         with x64():
-            value = family.log_marginal(_jnp({"mean": mean, "concentration": concentration}),
-                                        _stats(family, {"y": [k], "trials": [n]}))
+            value = family.log_marginal(
+                _jnp({"mean": mean, "concentration": concentration}),
+                _stats(family, {"y": [k], "trials": [n]}),
+            )
         # jax.scipy.special.betaln is accurate to ~1e-7 relative even in float64
         np.testing.assert_allclose(value, stats.betabinom.logpmf(k, n, a, b), rtol=1e-6)
 
@@ -234,8 +253,12 @@ def test_beta_binomial_several_observations_equals_quadrature():
     mean, concentration = 0.25, 6.0
     a, b = mean * concentration, (1 - mean) * concentration
     with x64():
-        value = float(family.log_marginal(_jnp({"mean": mean, "concentration": concentration}),
-                                          _stats(family, {"y": y, "trials": n})))
+        value = float(
+            family.log_marginal(
+                _jnp({"mean": mean, "concentration": concentration}),
+                _stats(family, {"y": y, "trials": n}),
+            )
+        )
 
     def log_f(p):
         return stats.beta.logpdf(p, a, b) + stats.binom.logpmf(y, n, p).sum()
@@ -247,8 +270,9 @@ def test_beta_binomial_conditional_is_the_conjugate_posterior():
     family = hf.BetaBinomial()
     y, n = np.array([2, 0, 5]), np.array([10, 3, 12])
     with x64():
-        posterior = family.conditional(_jnp({"mean": 0.25, "concentration": 6.0}),
-                                       _stats(family, {"y": y, "trials": n}))
+        posterior = family.conditional(
+            _jnp({"mean": 0.25, "concentration": 6.0}), _stats(family, {"y": y, "trials": n})
+        )
     np.testing.assert_allclose(posterior.concentration1, 1.5 + 7)
     np.testing.assert_allclose(posterior.concentration0, 4.5 + 25 - 7)
 
@@ -260,8 +284,10 @@ def test_gamma_poisson_single_observation_is_negative_binomial(mean, shape):
     rate = shape / mean
     for k, exposure in [(0, 1.0), (4, 1.0), (4, 2.5), (17, 0.3)]:
         with x64():
-            value = family.log_marginal(_jnp({"mean": mean, "shape": shape}),
-                                        _stats(family, {"y": [k], "exposure": [exposure]}))
+            value = family.log_marginal(
+                _jnp({"mean": mean, "shape": shape}),
+                _stats(family, {"y": [k], "exposure": [exposure]}),
+            )
         expected = stats.nbinom.logpmf(k, shape, rate / (rate + exposure))
         np.testing.assert_allclose(value, expected, rtol=1e-10)
 
@@ -271,12 +297,17 @@ def test_gamma_poisson_several_observations_with_exposure_equals_quadrature():
     y, e = np.array([3, 0, 7, 2]), np.array([1.0, 0.5, 2.0, 0.8])
     mean, shape = 1.5, 2.0
     with x64():
-        value = float(family.log_marginal(_jnp({"mean": mean, "shape": shape}),
-                                          _stats(family, {"y": y, "exposure": e})))
+        value = float(
+            family.log_marginal(
+                _jnp({"mean": mean, "shape": shape}), _stats(family, {"y": y, "exposure": e})
+            )
+        )
 
     def log_f(rate):
-        return (stats.gamma.logpdf(rate, shape, scale=mean / shape)
-                + stats.poisson.logpmf(y, rate * e).sum())
+        return (
+            stats.gamma.logpdf(rate, shape, scale=mean / shape)
+            + stats.poisson.logpmf(y, rate * e).sum()
+        )
 
     np.testing.assert_allclose(value, _log_quad(log_f, 1e-12, 40.0), rtol=1e-8)
 
@@ -287,8 +318,7 @@ def test_gamma_poisson_without_exposure_field():
     y = np.array([3.0, 1.0])
     with x64():
         value = family.log_marginal(_jnp({"mean": 2.0, "shape": 3.0}), _stats(family, {"y": y}))
-        posterior = family.conditional(_jnp({"mean": 2.0, "shape": 3.0}),
-                                       _stats(family, {"y": y}))
+        posterior = family.conditional(_jnp({"mean": 2.0, "shape": 3.0}), _stats(family, {"y": y}))
     log_f = lambda r: stats.gamma.logpdf(r, 3.0, scale=2.0 / 3.0) + stats.poisson.logpmf(y, r).sum()
     np.testing.assert_allclose(value, _log_quad(log_f, 1e-12, 40.0), rtol=1e-8)
     np.testing.assert_allclose(posterior.concentration, 3.0 + 4.0)
@@ -299,8 +329,9 @@ def test_gamma_poisson_conditional_is_the_conjugate_posterior():
     family = hf.GammaPoisson()
     y, e = np.array([3, 0, 7]), np.array([1.0, 0.5, 2.0])
     with x64():
-        posterior = family.conditional(_jnp({"mean": 1.5, "shape": 2.0}),
-                                       _stats(family, {"y": y, "exposure": e}))
+        posterior = family.conditional(
+            _jnp({"mean": 1.5, "shape": 2.0}), _stats(family, {"y": y, "exposure": e})
+        )
     np.testing.assert_allclose(posterior.concentration, 2.0 + 10)
     np.testing.assert_allclose(posterior.rate, 2.0 / 1.5 + 3.5)
 
@@ -309,16 +340,22 @@ def test_gamma_poisson_conditional_is_the_conjugate_posterior():
 def _families_and_clients():
     rng = np.random.default_rng(3)
     return {
-        "NormalNormal": (hf.NormalNormal(priors={"mu": 0.5, "tau": 1.3}),
-                         {"y": rng.normal(size=4), "sigma": rng.uniform(0.5, 2.0, 4)}),
-        "LinearMixed": (hf.LinearMixed(fixed=["x"], priors={"beta": [0.5, -1.0], "sigma": 0.8,
-                                                            "tau": 0.6}),
-                        {"y": rng.normal(size=5), "x": rng.normal(size=5)}),
-        "BetaBinomial": (hf.BetaBinomial(priors={"mean": 0.3, "concentration": 5.0}),
-                         {"y": np.array([1.0, 4.0, 0.0]), "trials": np.array([5.0, 9.0, 2.0])}),
-        "GammaPoisson": (hf.GammaPoisson(priors={"mean": 2.0, "shape": 3.0}),
-                         {"y": np.array([1.0, 4.0, 0.0]),
-                          "exposure": np.array([0.5, 2.0, 1.0])}),
+        "NormalNormal": (
+            hf.NormalNormal(priors={"mu": 0.5, "tau": 1.3}),
+            {"y": rng.normal(size=4), "sigma": rng.uniform(0.5, 2.0, 4)},
+        ),
+        "LinearMixed": (
+            hf.LinearMixed(fixed=["x"], priors={"beta": [0.5, -1.0], "sigma": 0.8, "tau": 0.6}),
+            {"y": rng.normal(size=5), "x": rng.normal(size=5)},
+        ),
+        "BetaBinomial": (
+            hf.BetaBinomial(priors={"mean": 0.3, "concentration": 5.0}),
+            {"y": np.array([1.0, 4.0, 0.0]), "trials": np.array([5.0, 9.0, 2.0])},
+        ),
+        "GammaPoisson": (
+            hf.GammaPoisson(priors={"mean": 2.0, "shape": 3.0}),
+            {"y": np.array([1.0, 4.0, 0.0]), "exposure": np.array([0.5, 2.0, 1.0])},
+        ),
     }
 
 
@@ -337,8 +374,9 @@ def test_statistics_are_invariant_to_padding(name):
         plain = _stats(family, client)
         padded = _stats(family, garbage, mask)
         phi = _fixed_phi(family)
-        np.testing.assert_allclose(family.log_marginal(phi, padded),
-                                   family.log_marginal(phi, plain), rtol=1e-12)
+        np.testing.assert_allclose(
+            family.log_marginal(phi, padded), family.log_marginal(phi, plain), rtol=1e-12
+        )
     for key in plain:
         np.testing.assert_allclose(padded[key], plain[key], rtol=1e-12, err_msg=key)
 

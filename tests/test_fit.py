@@ -19,8 +19,9 @@ az = arviz()
 #: standard errors allowed between a Monte Carlo estimate and its target
 Z = 4.0
 #: ArviZ's deprecated call into matplotlib >= 3.11 inside plot_ppc (third-party, harmless)
-PPC_DEPRECATION = ("ignore:Passing a dict or None as alias_mapping:"
-                   "matplotlib.MatplotlibDeprecationWarning")
+PPC_DEPRECATION = (
+    "ignore:Passing a dict or None as alias_mapping:matplotlib.MatplotlibDeprecationWarning"
+)
 #: PSIS-LOO warns when leaving a whole county out moves the posterior far (a data property)
 PARETO_WARNING = "ignore:Estimated shape parameter of Pareto distribution:UserWarning"
 
@@ -42,7 +43,8 @@ def test_groups_dims_and_coords_eight_schools(schools_idata, eight_schools_data)
         assert group in idata.groups(), group
     assert idata.posterior["theta"].dims == ("chain", "draw", "client")
     assert list(idata.posterior["theta"].coords["client"].values) == list(
-        eight_schools_data.client_ids)
+        eight_schools_data.client_ids
+    )
     assert idata.posterior["mu"].dims == ("chain", "draw")
     assert idata.posterior["tau"].dims == ("chain", "draw")
     assert idata.posterior.sizes["chain"] == 2 and idata.posterior.sizes["draw"] == 500
@@ -80,15 +82,19 @@ def test_radon_schema(radon_idata, radon_data):
     assert "HENNEPIN" in posterior["client"].values
     assert radon_idata.observed_data.sizes["obs"] == 919
     assert radon_idata.log_likelihood["log_radon"].shape == (2, 500, 919)
-    np.testing.assert_array_equal(radon_idata.observed_data["log_radon"],
-                                  radon_data.fields["log_radon"])
+    np.testing.assert_array_equal(
+        radon_idata.observed_data["log_radon"], radon_data.fields["log_radon"]
+    )
     # every row's client is named, in the data's order
-    np.testing.assert_array_equal(radon_idata.observed_data["obs_client"].values,
-                                  np.asarray(radon_data.client_ids)[radon_data.client_index])
+    np.testing.assert_array_equal(
+        radon_idata.observed_data["obs_client"].values,
+        np.asarray(radon_data.client_ids)[radon_data.client_index],
+    )
 
 
-def test_centralized_nuts_fit_has_the_same_schema_and_sample_stats(eight_schools_nuts,
-                                                                   schools_idata):
+def test_centralized_nuts_fit_has_the_same_schema_and_sample_stats(
+    eight_schools_nuts, schools_idata
+):
     idata = eight_schools_nuts.to_arviz()
     assert "sample_stats" in idata.groups()
     assert "diverging" in idata.sample_stats
@@ -104,11 +110,14 @@ def test_export_of_a_subset_of_clients(radon_exact, radon_data):
     assert "posterior_predictive" not in idata.groups()
     sizes = [len(radon_data[c]["log_radon"]) for c in chosen]
     assert idata.log_likelihood.sizes["obs"] == sum(sizes)
-    np.testing.assert_array_equal(idata.observed_data["log_radon"],
-                                  np.concatenate([radon_data[c]["log_radon"] for c in chosen]))
+    np.testing.assert_array_equal(
+        idata.observed_data["log_radon"],
+        np.concatenate([radon_data[c]["log_radon"] for c in chosen]),
+    )
     full = radon_exact.posterior_samples()["b"]
-    np.testing.assert_array_equal(idata.posterior["b"].values,
-                                  full[:, :, [radon_data.index_of(c) for c in chosen]])
+    np.testing.assert_array_equal(
+        idata.posterior["b"].values, full[:, :, [radon_data.index_of(c) for c in chosen]]
+    )
 
 
 def test_random_slopes_are_on_client_and_effect_dims():
@@ -119,14 +128,24 @@ def test_random_slopes_are_on_client_and_effect_dims():
     data = synthetic_linear_mixed(6, seed=2)
     family = hf.LinearMixed(response="y", fixed=["x"], random=["x"])
     rng = np.random.default_rng(0)
-    global_samples = {"beta": rng.normal(size=(2, 30, 2)),
-                      "sigma": rng.uniform(0.5, 1.5, (2, 30)),
-                      "tau": rng.uniform(0.1, 1.0, (2, 30, 2))}
+    global_samples = {
+        "beta": rng.normal(size=(2, 30, 2)),
+        "sigma": rng.uniform(0.5, 1.5, (2, 30)),
+        "tau": rng.uniform(0.1, 1.0, (2, 30, 2)),
+    }
     client_samples = StoredClientSamples({"b": rng.normal(size=(2, 30, 6, 2))})
     sites = inspect_model(family.model, data.batch())
     assert sites.global_sites == ("beta", "sigma", "tau") and sites.client_sites == ("b",)
-    fit = Fit("exact", family.model, data, global_samples, client_samples, sites,
-              dims=family.dims(), coords=family.coords())
+    fit = Fit(
+        "exact",
+        family.model,
+        data,
+        global_samples,
+        client_samples,
+        sites,
+        dims=family.dims(),
+        coords=family.coords(),
+    )
     idata = fit.to_arviz()
     assert idata.posterior["b"].dims == ("chain", "draw", "client", "effect")
     assert list(idata.posterior["effect"].values) == ["intercept", "x"]
@@ -136,8 +155,12 @@ def test_random_slopes_are_on_client_and_effect_dims():
     # the log-likelihood is the model's, evaluated at the draws
     b = client_samples.samples["b"][:, :, data.client_index]  # [chain, draw, obs, effect]
     x = data.fields["x"]
-    mean = (global_samples["beta"][..., :1] + global_samples["beta"][..., 1:] * x
-            + b[..., 0] + b[..., 1] * x)
+    mean = (
+        global_samples["beta"][..., :1]
+        + global_samples["beta"][..., 1:] * x
+        + b[..., 0]
+        + b[..., 1] * x
+    )
     expected = stats.norm.logpdf(data.fields["y"], mean, global_samples["sigma"][..., None])
     np.testing.assert_allclose(idata.log_likelihood["y"].values, expected, rtol=1e-4)
     assert idata.posterior_predictive["y"].shape == (2, 30, data.num_obs)
@@ -152,16 +175,16 @@ def test_log_likelihood_is_the_pointwise_density(schools_idata, eight_schools_da
     np.testing.assert_array_equal(schools_idata.observed_data["y"].values, y)
 
 
-def test_posterior_predictive_is_centred_on_the_client_effect(schools_idata,
-                                                              eight_schools_data):
+def test_posterior_predictive_is_centred_on_the_client_effect(schools_idata, eight_schools_data):
     theta = schools_idata.posterior["theta"].values
     replicated = schools_idata.posterior_predictive["y"].values
     sigma = eight_schools_data.fields["sigma"]
     draws = theta.shape[0] * theta.shape[1]
     gap = np.abs(replicated.mean(axis=(0, 1)) - theta.mean(axis=(0, 1)))
     assert np.all(gap < Z * sigma / np.sqrt(draws) + Z * mcse_of_mean(theta))
-    np.testing.assert_allclose(replicated.std(axis=(0, 1)),
-                               np.sqrt(theta.var(axis=(0, 1)) + sigma**2), rtol=0.1)
+    np.testing.assert_allclose(
+        replicated.std(axis=(0, 1)), np.sqrt(theta.var(axis=(0, 1)) + sigma**2), rtol=0.1
+    )
 
 
 # ---------------------------------------------------------------------- ArviZ functions
@@ -171,8 +194,9 @@ def test_arviz_summary_and_fit_summary(schools_idata, eight_schools_exact):
     assert summary.loc["mu", "r_hat"] < 1.05
     own = eight_schools_exact.summary()
     assert list(own.index) == ["mu", "tau"]
-    np.testing.assert_allclose(own.loc["mu", "mean"],
-                               eight_schools_exact.global_samples["mu"].mean(), atol=1e-3)
+    np.testing.assert_allclose(
+        own.loc["mu", "mean"], eight_schools_exact.global_samples["mu"].mean(), atol=1e-3
+    )
     per_client = eight_schools_exact.summary(["theta"])
     assert "theta[H]" in per_client.index
 
@@ -204,8 +228,9 @@ def test_loo_by_observation_and_by_client(schools_idata, eight_schools_exact):
     assert by_client.n_data_points == 8
     # one observation per school: leaving a school out is leaving its observation out
     np.testing.assert_allclose(by_client.elpd_loo, by_obs.elpd_loo, rtol=1e-6)
-    np.testing.assert_allclose(eight_schools_exact.loo(by="obs").elpd_loo, by_obs.elpd_loo,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        eight_schools_exact.loo(by="obs").elpd_loo, by_obs.elpd_loo, rtol=1e-6
+    )
     with pytest.raises(ValueError, match="by must be"):
         eight_schools_exact.loo(by="county")
 
@@ -306,8 +331,11 @@ def test_save_load_round_trip(name, request, tmp_path):
     for site, value in fit.posterior_samples().items():
         np.testing.assert_array_equal(loaded.posterior_samples()[site], value, err_msg=site)
     client = fit.client_ids[0]
-    inputs = ({"sigma": [1.0, 2.0]} if "eight" in name else
-              {"floor": [0.0, 1.0], "log_uranium": [0.1, 0.1], "floor_mean": [0.2, 0.2]})
+    inputs = (
+        {"sigma": [1.0, 2.0]}
+        if "eight" in name
+        else {"floor": [0.0, 1.0], "log_uranium": [0.1, 0.1], "floor_mean": [0.2, 0.2]}
+    )
     for who in (client, "unseen"):
         before, after = fit.predict(who, key=4, **inputs), loaded.predict(who, key=4, **inputs)
         for site in before:

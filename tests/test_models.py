@@ -35,8 +35,9 @@ def test_radon_data_facts():
     assert abs(frame["floor"].mean() - 0.17) < 0.01  # Gelman & Hill: 17% first-floor
     # county-level covariates are constant within a county
     assert (frame.groupby("county")["log_uranium"].nunique() == 1).all()
-    np.testing.assert_allclose(frame.groupby("county")["floor_mean"].first(),
-                               frame.groupby("county")["floor"].mean())
+    np.testing.assert_allclose(
+        frame.groupby("county")["floor_mean"].first(), frame.groupby("county")["floor"].mean()
+    )
     data = radon.load()
     assert data.num_clients == 85 and data.num_obs == 919
     assert set(data.field_names) == set(radon.FIELDS)
@@ -69,8 +70,11 @@ def _fit_spectrum(module, partial):
     family, already fitted once per session (``partial``)."""
     spectrum = module.spectrum()
     assert repr(spectrum["partial pooling"]) == repr(module.family())
-    fits = {name: hf.fit(family, module.load(), seed=0, **TINY)
-            for name, family in spectrum.items() if name != "partial pooling"}
+    fits = {
+        name: hf.fit(family, module.load(), seed=0, **TINY)
+        for name, family in spectrum.items()
+        if name != "partial pooling"
+    }
     return dict(fits, **{"partial pooling": partial})
 
 
@@ -131,6 +135,7 @@ def test_radon_spectrum(radon_spectrum):
 
 def test_synthetic_lmm_generates_its_truth():
     from models import synthetic_lmm
+
     data, effects = synthetic_lmm.generate(2000, seed=1)
     assert data.num_clients == 2000 and len(effects) == 2000
     assert data.sizes.min() >= 1 and abs(data.sizes.mean() - 10) < 0.5
@@ -144,6 +149,7 @@ def test_synthetic_lmm_generates_its_truth():
 @pytest.mark.slow
 def test_synthetic_lmm_recovers_its_truth():
     from models import synthetic_lmm
+
     data, effects = synthetic_lmm.generate(300, seed=1)
     fit = hf.fit(synthetic_lmm.family(), data, seed=0, **TINY)
     truth = synthetic_lmm.TRUTH
@@ -173,8 +179,10 @@ def test_spectrum_runs_with_centralized_nuts(module):
 
 def test_eight_schools_complete_pooling_runs_with_centralized_nuts():
     family = eight_schools.spectrum()["complete pooling"]
-    fit = hf.fit(family, eight_schools.load(), method="nuts", num_warmup=50, num_samples=50,
-                 num_chains=1)
+    fit = hf.fit(
+        family, eight_schools.load(), method="nuts", num_warmup=50, num_samples=50, num_chains=1
+    )
     theta = fit.posterior_samples()["theta"]
-    np.testing.assert_allclose(theta, np.broadcast_to(fit.global_samples["mu"][..., None],
-                                                      theta.shape))
+    np.testing.assert_allclose(
+        theta, np.broadcast_to(fit.global_samples["mu"][..., None], theta.shape)
+    )

@@ -61,14 +61,18 @@ def test_notebook_runs(path: Path, jupyter_path: Path, monkeypatch, tmp_path):
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     notebook = nbformat.read(path, as_version=4)
     deadline = time.monotonic() + NOTEBOOK_TIMEOUT
-    client = NotebookClient(notebook, kernel_name=KERNEL_NAME,
-                            # nbclient times each cell; give each what is left of the budget
-                            timeout_func=lambda cell: max(1.0, deadline - time.monotonic()),
-                            resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    client = NotebookClient(
+        notebook,
+        kernel_name=KERNEL_NAME,
+        # nbclient times each cell; give each what is left of the budget
+        timeout_func=lambda cell: max(1.0, deadline - time.monotonic()),
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+    )
     try:
         client.execute()
     except (CellExecutionError, CellTimeoutError) as error:
         executed = tmp_path / path.name
         nbformat.write(notebook, executed)
-        pytest.fail(f"{path.name}: a cell failed (executed notebook: {executed})\n{error}",
-                    pytrace=False)
+        pytest.fail(
+            f"{path.name}: a cell failed (executed notebook: {executed})\n{error}", pytrace=False
+        )

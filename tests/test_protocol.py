@@ -49,8 +49,10 @@ def federated_mean(step: float = STEP, start: float = START) -> FederatedAlgorit
     def init(key, client_data):
         del key
         num = client_data["y"].shape[0]
-        return (AverageState(jnp.asarray(start), jnp.asarray(0)),
-                CounterState(jnp.zeros(num, jnp.int32), jnp.zeros(num)))
+        return (
+            AverageState(jnp.asarray(start), jnp.asarray(0)),
+            CounterState(jnp.zeros(num, jnp.int32), jnp.zeros(num)),
+        )
 
     def broadcast(state):
         return state.weight
@@ -81,16 +83,16 @@ def federated_mean(step: float = STEP, start: float = START) -> FederatedAlgorit
     def validate(message):
         return message["count"] > 0
 
-    return FederatedAlgorithm(init, broadcast, client_update, server_update, client_finalize,
-                              validate)
+    return FederatedAlgorithm(
+        init, broadcast, client_update, server_update, client_finalize, validate
+    )
 
 
 @pytest.fixture(scope="module")
 def clients():
-    data = hf.ClientData.from_dict({
-        f"c{i}": {"y": np.random.default_rng(i).normal(i, 1.0, size=2 + i % 4)}
-        for i in range(10)
-    })
+    data = hf.ClientData.from_dict(
+        {f"c{i}": {"y": np.random.default_rng(i).normal(i, 1.0, size=2 + i % 4)} for i in range(10)}
+    )
     padded, mask = data.padded(dtype=np.float32)
     return data, {"y": jnp.asarray(padded["y"]), "mask": jnp.asarray(mask)}
 
@@ -102,41 +104,58 @@ def _pooled_mean(data):
 def _run(clients, **options):
     data, stacked = clients
     options.setdefault("num_rounds", 6)
-    return simulate(federated_mean(), jax.random.PRNGKey(options.pop("seed", 0)), stacked,
-                    client_ids=data.client_ids, **options)
+    return simulate(
+        federated_mean(),
+        jax.random.PRNGKey(options.pop("seed", 0)),
+        stacked,
+        client_ids=data.client_ids,
+        **options,
+    )
 
 
 def _tree_equal(a, b):
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
-                                      for x, y in zip(la, lb, strict=True))
+    return len(la) == len(lb) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True)
+    )
 
 
 # ---------------------------------------------------------------------- shape of the protocol
 def test_algorithm_is_a_namedtuple_of_pure_functions():
-    assert FederatedAlgorithm._fields == ("init", "broadcast", "client_update", "server_update",
-                                          "client_finalize", "validate_message",
-                                          "personal_in_info")
+    assert FederatedAlgorithm._fields == (
+        "init",
+        "broadcast",
+        "client_update",
+        "server_update",
+        "client_finalize",
+        "validate_message",
+        "personal_in_info",
+    )
     for name in ("SkipRecord", "RoundRecord", "SimulationResult"):
         assert issubclass(globals()[name], tuple) and hasattr(globals()[name], "_fields")
 
 
 def test_exact_algorithm_signatures_and_states(eight_schools_data, eight_schools_family):
-    algorithm = exact_algorithm(eight_schools_family, server="nuts",
-                                settings=GlobalsSettings(num_warmup=50, num_samples=50,
-                                                         num_chains=1))
+    algorithm = exact_algorithm(
+        eight_schools_family,
+        server="nuts",
+        settings=GlobalsSettings(num_warmup=50, num_samples=50, num_chains=1),
+    )
     assert isinstance(algorithm, FederatedAlgorithm)
-    parameters = {name: list(inspect.signature(getattr(algorithm, name)).parameters)
-                  for name in ("init", "broadcast", "client_update", "server_update",
-                               "client_finalize")}
+    parameters = {
+        name: list(inspect.signature(getattr(algorithm, name)).parameters)
+        for name in ("init", "broadcast", "client_update", "server_update", "client_finalize")
+    }
     assert len(parameters["init"]) == 2 and parameters["init"][0] == "key"
     assert len(parameters["broadcast"]) == 1
     assert len(parameters["client_update"]) == 4 and parameters["client_update"][0] == "key"
     assert len(parameters["server_update"]) == 4 and parameters["server_update"][0] == "key"
     assert len(parameters["client_finalize"]) == 4
     padded, mask = eight_schools_data.padded()
-    stacked = {"fields": {k: jnp.asarray(v, jnp.float32) for k, v in padded.items()},
-               "mask": jnp.asarray(mask)}
+    stacked = {
+        "fields": {k: jnp.asarray(v, jnp.float32) for k, v in padded.items()},
+        "mask": jnp.asarray(mask),
+    }
     server_state, client_states = algorithm.init(jax.random.PRNGKey(0), stacked)
     assert isinstance(server_state, ExactServerState) and server_state.draws is None
     assert algorithm.broadcast(server_state) is None
@@ -145,9 +164,9 @@ def test_exact_algorithm_signatures_and_states(eight_schools_data, eight_schools
         assert leaf.shape[0] == eight_schools_data.num_clients
     # one client's update, written for a single client
     one = jax.tree_util.tree_map(lambda v: v[0], stacked)
-    state, message, info = algorithm.client_update(jax.random.PRNGKey(1), None,
-                                                   jax.tree_util.tree_map(lambda v: v[0],
-                                                                          client_states), one)
+    state, message, info = algorithm.client_update(
+        jax.random.PRNGKey(1), None, jax.tree_util.tree_map(lambda v: v[0], client_states), one
+    )
     assert set(message) == {"precision", "weighted_sum", "weighted_square", "log_norm"}
     np.testing.assert_allclose(message["precision"], 1 / 15.0**2, rtol=1e-6)
     np.testing.assert_allclose(message["weighted_sum"], 28 / 15.0**2, rtol=1e-6)
@@ -169,14 +188,16 @@ def test_full_participation_reaches_the_closed_form(clients):
     np.testing.assert_allclose(result.server_state.weight, expected, rtol=1e-5)
     assert int(result.server_state.rounds) == 8
     assert [r.round for r in result.rounds] == list(range(8))
-    assert all(isinstance(r, RoundRecord) and r.participants == r.received == 10
-               for r in result.rounds)
+    assert all(
+        isinstance(r, RoundRecord) and r.participants == r.received == 10 for r in result.rounds
+    )
     assert result.skips == []
     np.testing.assert_array_equal(result.client_states.updates, np.full(10, 8))
     # the personal output is computed against the final global state, per client
     local = np.array([data[c]["y"].mean() for c in data.client_ids])
-    np.testing.assert_allclose(result.personal["gap"], local - float(result.server_state.weight),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        result.personal["gap"], local - float(result.server_state.weight), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_many_rounds_converge_to_the_pooled_mean(clients):
@@ -187,9 +208,12 @@ def test_many_rounds_converge_to_the_pooled_mean(clients):
 
 def test_converged_stops_early_and_on_round_sees_every_round(clients):
     seen = []
-    result = _run(clients, num_rounds=50, converged=lambda info: abs(float(info["change"])) < 1e-3,
-                  on_round=lambda record, server, client: seen.append(
-                      (record.round, float(server.weight))))
+    result = _run(
+        clients,
+        num_rounds=50,
+        converged=lambda info: abs(float(info["change"])) < 1e-3,
+        on_round=lambda record, server, client: seen.append((record.round, float(server.weight))),
+    )
     assert len(result.rounds) < 50
     assert [r for r, _ in seen] == [r.round for r in result.rounds]
     assert seen[-1][1] == float(result.server_state.weight)
@@ -266,6 +290,7 @@ def _reshape_delta_from(first_round):
         if round_index >= first_round:
             return dict(messages, delta=jnp.stack([messages["delta"]] * 2, axis=1))
         return messages
+
     return corrupt
 
 
@@ -284,8 +309,11 @@ def test_validate_messages_row_by_row():
     messages = {"a": jnp.array([[1.0, 2.0], [jnp.inf, 0.0], [1.0, -1.0]])}
     ok, reasons = validate_messages(messages, schema, lambda m: jnp.all(m["a"] > 0))
     np.testing.assert_array_equal(ok, [True, False, False])
-    assert reasons == ["", "non-finite values in message field ['a']",
-                       "message failed the algorithm's validity check"]
+    assert reasons == [
+        "",
+        "non-finite values in message field ['a']",
+        "message failed the algorithm's validity check",
+    ]
     with pytest.raises(ValueError, match="do not match the schema"):
         validate_messages({"b": messages["a"]}, schema)
 
@@ -295,8 +323,13 @@ def test_checkpoint_and_resume_continue_identically(clients):
     options = dict(participation=0.7, dropout=0.2, seed=5)
     full = _run(clients, num_rounds=6, **options)
     first = _run(clients, num_rounds=3, **options)
-    resumed = _run(clients, num_rounds=6, state=(first.server_state, first.client_states),
-                   start_round=3, **options)
+    resumed = _run(
+        clients,
+        num_rounds=6,
+        state=(first.server_state, first.client_states),
+        start_round=3,
+        **options,
+    )
     assert _tree_equal(full.server_state, resumed.server_state)
     assert _tree_equal(full.client_states, resumed.client_states)
     assert _tree_equal(full.personal, resumed.personal)
@@ -308,8 +341,14 @@ def test_checkpoint_and_resume_continue_identically(clients):
 def test_checkpoint_from_on_round_hook(clients):
     checkpoints = {}
     options = dict(participation=0.5, seed=9)
-    full = _run(clients, num_rounds=6, on_round=lambda record, server, client:
-                checkpoints.__setitem__(record.round, (server, client)), **options)
+    full = _run(
+        clients,
+        num_rounds=6,
+        on_round=lambda record, server, client: checkpoints.__setitem__(
+            record.round, (server, client)
+        ),
+        **options,
+    )
     resumed = _run(clients, num_rounds=6, state=checkpoints[2], start_round=3, **options)
     assert _tree_equal(full.server_state, resumed.server_state)
     assert _tree_equal(full.client_states, resumed.client_states)
@@ -339,7 +378,13 @@ def test_clients_get_distinct_keys_per_round_and_client(clients):
         seen.append(np.asarray(messages["noise"]))
         return messages
 
-    simulate(algorithm, jax.random.PRNGKey(0), stacked, client_ids=data.client_ids,
-             num_rounds=3, corrupt=corrupt)
+    simulate(
+        algorithm,
+        jax.random.PRNGKey(0),
+        stacked,
+        client_ids=data.client_ids,
+        num_rounds=3,
+        corrupt=corrupt,
+    )
     noise = np.stack(seen)  # [round, client]
     assert len(np.unique(noise)) == noise.size

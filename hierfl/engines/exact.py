@@ -58,6 +58,7 @@ def x64():
     if hasattr(jax, "enable_x64"):
         return jax.enable_x64(True)
     from jax.experimental import enable_x64  # JAX < 0.7
+
     return enable_x64()
 
 
@@ -74,9 +75,11 @@ def collapsed_model(family: ConjugateFamily):
     One function object per family, so the server's compiled programs are reused by every fit
     of that family.
     """
+
     def model(server_stats):
         phi = family.sample_globals()
         numpyro.factor("collapsed_log_likelihood", family.total_log_marginal(phi, server_stats))
+
     return model
 
 
@@ -89,14 +92,19 @@ def _global_params(family: ConjugateFamily, draws: dict[str, Any]) -> dict[str, 
     size = next(v.shape[0] for v in out.values() if v is not None)
     for r in family.priors:
         if out[r.parameter.name] is None:
-            out[r.parameter.name] = jnp.broadcast_to(jnp.asarray(r.value, dtype=float),
-                                                     (size,) + r.parameter.shape)
+            out[r.parameter.name] = jnp.broadcast_to(
+                jnp.asarray(r.value, dtype=float), (size,) + r.parameter.shape
+            )
     return out
 
 
-def exact_algorithm(family: ConjugateFamily, *, server: str = "auto",
-                    settings: GlobalsSettings | None = None,
-                    num_clients: int | None = None) -> FederatedAlgorithm:
+def exact_algorithm(
+    family: ConjugateFamily,
+    *,
+    server: str = "auto",
+    settings: GlobalsSettings | None = None,
+    num_clients: int | None = None,
+) -> FederatedAlgorithm:
     """The exact engine as a :class:`~hierfl.protocol.FederatedAlgorithm`.
 
     Parameters
@@ -117,8 +125,9 @@ def exact_algorithm(family: ConjugateFamily, *, server: str = "auto",
 
     def init(key, client_data):
         del key
-        shapes = jax.eval_shape(jax.vmap(family.statistics), client_data["fields"],
-                                client_data["mask"])
+        shapes = jax.eval_shape(
+            jax.vmap(family.statistics), client_data["fields"], client_data["mask"]
+        )
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         return ExactServerState(None, {}), zeros
 
@@ -140,8 +149,9 @@ def exact_algorithm(family: ConjugateFamily, *, server: str = "auto",
             server_stats = _server_statistics(family)(messages, np.asarray(received))
             draws, diagnostics = infer(key, model, (server_stats,), settings)
         float_type = jnp.result_type(float)
-        flat = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:]), float_type)
-                for k, v in draws.items()}
+        flat = {
+            k: jnp.asarray(v.reshape((-1,) + v.shape[2:]), float_type) for k, v in draws.items()
+        }
         diagnostics = dict(diagnostics, clients_received=int(np.sum(received)))
         return ExactServerState(flat, diagnostics), diagnostics
 
@@ -161,8 +171,9 @@ def personal_moments(family: ConjugateFamily, phi, stats, num_clients: int) -> P
     posterior, :class:`ExactClientSampler`, use every draw.)
     """
     size = next(iter(phi.values())).shape[0]
-    stride = max(1, int(np.ceil(size * num_clients / MOMENT_BUDGET)),
-                 int(np.ceil(size / MOMENT_DRAWS)))
+    stride = max(
+        1, int(np.ceil(size * num_clients / MOMENT_BUDGET)), int(np.ceil(size / MOMENT_DRAWS))
+    )
     stride = min(stride, max(1, size // 100))
     thinned = jax.tree_util.tree_map(lambda v: v[::stride], phi)
     count = next(iter(thinned.values())).shape[0]
@@ -188,20 +199,29 @@ class ExactClientSampler:
     gets the same draws whichever subset is asked for.
     """
 
-    def __init__(self, family: ConjugateFamily, draws: dict[str, np.ndarray],
-                 stats: dict[str, np.ndarray], key):
+    def __init__(
+        self,
+        family: ConjugateFamily,
+        draws: dict[str, np.ndarray],
+        stats: dict[str, np.ndarray],
+        key,
+    ):
         self.family, self.draws, self.stats, self.key = family, draws, stats, np.asarray(key)
 
     def __call__(self, indices) -> dict[str, np.ndarray]:
         indices = np.asarray(indices, dtype=np.int64)
         chains, samples = next(iter(self.draws.values())).shape[:2]
-        phi = _global_params(self.family, {k: jnp.asarray(v.reshape((-1,) + v.shape[2:]))
-                                           for k, v in self.draws.items()})
+        phi = _global_params(
+            self.family,
+            {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in self.draws.items()},
+        )
         stats = jax.tree_util.tree_map(lambda s: jnp.asarray(s[indices]), self.stats)
-        out = _sample_clients(self.family, jnp.asarray(self.key), phi, stats,
-                              jnp.asarray(indices))
-        return {self.family.client_site: np.asarray(out).reshape(
-            (chains, samples, len(indices)) + out.shape[2:])}
+        out = _sample_clients(self.family, jnp.asarray(self.key), phi, stats, jnp.asarray(indices))
+        return {
+            self.family.client_site: np.asarray(out).reshape(
+                (chains, samples, len(indices)) + out.shape[2:]
+            )
+        }
 
 
 def _sample_clients(family, key, phi, stats, indices):
@@ -209,4 +229,5 @@ def _sample_clients(family, key, phi, stats, indices):
         client_key = jax.random.fold_in(key, index)
         keys = jax.random.split(client_key, next(iter(phi.values())).shape[0])
         return jax.vmap(lambda k, p: family.conditional(p, stats_i).sample(k))(keys, phi)
+
     return jnp.moveaxis(jax.vmap(one_client)(stats, indices), 0, 1)

@@ -115,8 +115,13 @@ def _nuts_chain_program(model, warmup: int, samples: int, target_accept: float, 
         start_key, jitter_key = jax.random.split(key)
         flat, unravel = ravel_pytree(z0)
         z0 = unravel(flat + jax.random.uniform(jitter_key, flat.shape, minval=-0.5, maxval=0.5))
-        state = init_kernel(z0, num_warmup=warmup, target_accept_prob=target_accept,
-                            dense_mass=dense, rng_key=start_key)
+        state = init_kernel(
+            z0,
+            num_warmup=warmup,
+            target_accept_prob=target_accept,
+            dense_mass=dense,
+            rng_key=start_key,
+        )
 
         def body(state, _):
             state = sample_kernel(state)
@@ -143,11 +148,13 @@ def nuts_globals(key, model, model_args: tuple, settings: GlobalsSettings):
 
     problem = unconstrained(model, model_args)
     dense = ravel_pytree(problem.z0)[0].shape[0] <= DENSE_MASS_UP_TO
-    chain = _nuts_chain_program(model, settings.num_warmup, settings.num_samples,
-                                settings.target_accept, dense)
+    chain = _nuts_chain_program(
+        model, settings.num_warmup, settings.num_samples, settings.target_accept, dense
+    )
     keys = jax.random.split(key, settings.num_chains)
     if settings.progress:
         from tqdm.auto import tqdm
+
         keys = tqdm(keys, desc="server NUTS chains")
     runs = [chain(k, problem.z0, model_args) for k in keys]
     draws = {k: np.stack([np.asarray(r[0][k]) for r in runs]) for k in runs[0][0]}
@@ -155,16 +162,25 @@ def nuts_globals(key, model, model_args: tuple, settings: GlobalsSettings):
     stats = summary(draws, group_by_chain=True)
     r_hat = max(float(np.nanmax(s["r_hat"])) for s in stats.values())
     ess = min(float(np.nanmin(s["n_eff"])) for s in stats.values())
-    diagnostics = {"server": "nuts", "divergences": int(diverging.sum()), "max_r_hat": r_hat,
-                   "min_ess": ess}
+    diagnostics = {
+        "server": "nuts",
+        "divergences": int(diverging.sum()),
+        "max_r_hat": r_hat,
+        "min_ess": ess,
+    }
     if settings.num_chains > 1 and r_hat > 1.05:
-        warnings.warn(f"server NUTS did not mix: max r_hat {r_hat:.3f} > 1.05; raise "
-                      "num_warmup or num_samples", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"server NUTS did not mix: max r_hat {r_hat:.3f} > 1.05; raise "
+            "num_warmup or num_samples",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return draws, diagnostics
 
 
 def _psis(log_weights: np.ndarray) -> tuple[np.ndarray, float]:
     from .._arviz import arviz
+
     smoothed, k_hat = arviz().psislw(log_weights)
     return np.asarray(smoothed), float(k_hat)
 
@@ -189,7 +205,7 @@ def value_grad_hessian(potential):
         step = HESSIAN_STEP * jnp.maximum(1.0, jnp.abs(x))
         shifts = jnp.diag(step)
         values, grads = value_and_grad(jnp.concatenate([x[None], x + shifts, x - shifts]))
-        columns = (grads[1: n + 1] - grads[n + 1:]) / (2.0 * step[:, None])
+        columns = (grads[1 : n + 1] - grads[n + 1 :]) / (2.0 * step[:, None])
         return values[0], grads[0], 0.5 * (columns + columns.T)
 
     return evaluate
@@ -224,17 +240,26 @@ def newton_mode(potential, x0, *, max_iter: int = 200, tolerance: float = 1e-10)
         value_new, grad_new, hess_new = evaluate(candidate)
         better = jnp.isfinite(value_new) & (value_new <= value)
         x, value, grad, hess = jax.tree_util.tree_map(
-            lambda a, b: jnp.where(better, a, b), (candidate, value_new, grad_new, hess_new),
-            (x, value, grad, hess))
+            lambda a, b: jnp.where(better, a, b),
+            (candidate, value_new, grad_new, hess_new),
+            (x, value, grad, hess),
+        )
         lam = jnp.where(better, jnp.maximum(lam * 0.1, 1e-12), lam * 10.0)
         dec = jnp.where(better, decrement(grad, hess), dec)
         candidate = x - jnp.linalg.solve(hess + lam * eye, grad)
         return x, value, grad, hess, candidate, lam, it + 1, dec
 
     n = x0.shape[0]
-    init = (x0, jnp.asarray(jnp.inf, x0.dtype), jnp.zeros(n, x0.dtype),
-            jnp.zeros((n, n), x0.dtype), x0, jnp.asarray(10.0, x0.dtype), 0,
-            jnp.asarray(jnp.inf, x0.dtype))
+    init = (
+        x0,
+        jnp.asarray(jnp.inf, x0.dtype),
+        jnp.zeros(n, x0.dtype),
+        jnp.zeros((n, n), x0.dtype),
+        x0,
+        jnp.asarray(10.0, x0.dtype),
+        0,
+        jnp.asarray(jnp.inf, x0.dtype),
+    )
     x, _, _, hess, _, _, it, dec = jax.lax.while_loop(cond, body, init)
     return x, hess, dec, it
 
@@ -292,8 +317,7 @@ def _laplace_programs(model, df: int, num_proposals: int, batch_size: int):
     return approximate, constrain
 
 
-def laplace_globals(key, model, model_args: tuple, settings: GlobalsSettings,
-                    batch_size: int = 16):
+def laplace_globals(key, model, model_args: tuple, settings: GlobalsSettings, batch_size: int = 16):
     """Draw ``phi`` from a PSIS-corrected Laplace approximation; returns ``(draws, diagnostics)``.
 
     The mode is found by damped Newton steps in the unconstrained space
@@ -308,17 +332,26 @@ def laplace_globals(key, model, model_args: tuple, settings: GlobalsSettings,
     problem = unconstrained(model, model_args)
     flat0, _ = ravel_pytree(problem.z0)
     total = settings.num_chains * settings.num_samples
-    num_clients = max(1, max(int(np.shape(leaf)[0]) if np.ndim(leaf) else 1
-                             for leaf in jax.tree_util.tree_leaves(model_args)))
-    num_proposals = settings.importance_draws or int(np.clip(
-        IMPORTANCE_BUDGET // num_clients, min(MIN_IMPORTANCE_DRAWS, total), total))
-    approximate, constrain = _laplace_programs(model, settings.proposal_df, num_proposals,
-                                               batch_size)
+    num_clients = max(
+        1,
+        max(
+            int(np.shape(leaf)[0]) if np.ndim(leaf) else 1
+            for leaf in jax.tree_util.tree_leaves(model_args)
+        ),
+    )
+    num_proposals = settings.importance_draws or int(
+        np.clip(IMPORTANCE_BUDGET // num_clients, min(MIN_IMPORTANCE_DRAWS, total), total)
+    )
+    approximate, constrain = _laplace_programs(
+        model, settings.proposal_df, num_proposals, batch_size
+    )
     z, log_w, ok, decrement, iterations = approximate(proposal_key, flat0, model_args)
     if not bool(ok):
-        raise FloatingPointError("Laplace approximation failed: the Hessian of the collapsed "
-                                 "posterior is not positive definite at the mode; use "
-                                 "server='nuts'")
+        raise FloatingPointError(
+            "Laplace approximation failed: the Hessian of the collapsed "
+            "posterior is not positive definite at the mode; use "
+            "server='nuts'"
+        )
     log_w = np.asarray(log_w, dtype=np.float64)
     log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
     smoothed, k_hat = _psis(log_w - np.max(log_w))
@@ -329,12 +362,23 @@ def laplace_globals(key, model, model_args: tuple, settings: GlobalsSettings,
     u = (np.asarray(jax.random.uniform(resample_key, ())) + np.arange(total)) / total
     index = np.minimum(np.searchsorted(np.cumsum(weights), u), num_proposals - 1)
     chosen = constrain(z[index], model_args)
-    draws = {k: np.asarray(v).reshape((settings.num_chains, settings.num_samples)
-                                      + np.shape(v)[1:]) for k, v in chosen.items()}
+    draws = {
+        k: np.asarray(v).reshape((settings.num_chains, settings.num_samples) + np.shape(v)[1:])
+        for k, v in chosen.items()
+    }
     if k_hat > 0.7:
-        warnings.warn(f"Laplace importance correction is unreliable (Pareto k = {k_hat:.2f} > "
-                      "0.7); use server='nuts' for this model", RuntimeWarning, stacklevel=2)
-    diagnostics = {"server": "laplace", "pareto_k": k_hat, "importance_ess": ess,
-                   "importance_draws": num_proposals, "newton_iterations": int(iterations),
-                   "newton_decrement": float(decrement)}
+        warnings.warn(
+            f"Laplace importance correction is unreliable (Pareto k = {k_hat:.2f} > "
+            "0.7); use server='nuts' for this model",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    diagnostics = {
+        "server": "laplace",
+        "pareto_k": k_hat,
+        "importance_ess": ess,
+        "importance_draws": num_proposals,
+        "newton_iterations": int(iterations),
+        "newton_decrement": float(decrement),
+    }
     return draws, diagnostics
