@@ -29,6 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_neural import COLD_START_SHARE, model_for
 
 from hierfl.neural import harness
 from hierfl.neural.metrics import summarize
@@ -48,11 +49,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     n = args.clients
-    split = mnist_heads.federated(
-        args.partition, num_clients=n + max(2, round(0.1 * n)), seed=args.seed
-    )
+    extra = max(2, int(round(COLD_START_SHARE * n)))  # the clients bench_neural holds out
+    split = mnist_heads.federated(args.partition, num_clients=n + extra, seed=args.seed)
     ids = split.train.client_ids[:n]
-    model = mnist_heads.mlp_norm() if args.partition == "feature_shift" else mnist_heads.mlp_head()
+    model = model_for(args.partition)
     start = time.perf_counter()
     res = harness.compare(
         model,
