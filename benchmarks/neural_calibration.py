@@ -46,6 +46,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=32, help="head draws per prediction")
+    parser.add_argument(
+        "--body-draws",
+        action="store_true",
+        help="train the body on draws theta_i ~ q_i (SVISettings.body_draws)",
+    )
     args = parser.parse_args(argv)
 
     n = args.clients
@@ -63,7 +68,7 @@ def main(argv=None) -> dict:
         local_steps=args.local_steps,
         seed=args.seed,
         methods=("hierfl",),
-        svi_options={"learning_rate": args.learning_rate},
+        svi_options={"learning_rate": args.learning_rate, "body_draws": args.body_draws},
     )
     fit = res["_fit"]
     print(

@@ -79,11 +79,13 @@ validation data (Dirichlet 0.1 at 100 / 200 / 400 steps: 0.937 / 0.938 / 0.959);
 start in every round did not beat the warm start (mean validation accuracy over the five
 partitions 0.938 vs 0.937) and runs L-BFGS line searches, which ``vmap`` turns into loops
 that wait for the slowest client, so it is used only for cold start, where there is no
-previous ``q`` to start from. Not used: training the body on draws of
-``theta_i`` (``body_draws``; no better on validation), a wider start ``init_tau = 3``
-(worse), a larger body step size (``learning_rate = 1e-2``; no better on validation).
-Earlier attempts that diverged: server-side EM on Laplace sites and a diagonal-Newton
-E-step in ``(w, theta)``.
+previous ``q`` to start from. Not used: training the body on draws of ``theta_i``
+(``body_draws``; no better on validation at 20 clients, and at 100 clients on Dirichlet 5
+with body learning rate 0.01 it collapses to accuracy 0.19: the body shrinks its features,
+the heads go uninformed and ``tau`` grows to 0.64; see BENCHMARKS.md), a wider start
+``init_tau = 3`` (worse), a larger body step size (``learning_rate = 1e-2``; no better on
+validation). Earlier attempts that diverged: server-side EM on Laplace sites and a
+diagonal-Newton E-step in ``(w, theta)``.
 
 **The hyperprior and the M-step** (same benchmark; validation rows, seeds 0 and 1). The
 M-step was always the exact EM update, but under the earlier hyperprior IG(1, 1e-4) on
@@ -115,16 +117,16 @@ Dirichlet 5 at 100 clients, where it is overconfident (as are the baselines). Th
 body's features are overconfident whatever head sits on them (the head ``mu`` alone: test
 ECE 0.061, floor 0.012; ``benchmarks/neural_calibration.py``): the body is a point estimate
 that the ELBO does not regularize, and averaging over ``q_i`` recovers only part of it
-(0.044). Because the body is a point estimate, the scale of a head kernel's ``tau`` is not identified by the
-ELBO alone (scaling the features by ``c`` and the kernel by ``1/c`` leaves it unchanged);
-``tau`` relative to the kernel's scale is what the data determine. The mean-field ``s_i``
-understate the posterior variance of correlated coordinates, which biases ``gamma_i`` up and
-``tau`` down, under either update. The E-step (``elbo_steps x elbo_samples`` passes over a
-client's features) is compute-bound, as are the body steps (each client trains its own copy
-of the body), so on a CPU the vmapped round runs at about the speed of a per-client loop of
-the same update (1.0x at 100 clients, against the 5x of issue 4); ``vmap`` can only pay off
-where the per-client work is overhead-bound, or on an accelerator (not measured: none was
-lent).
+(0.044). Because the body is a point estimate, the scale of a head kernel's ``tau`` is not
+identified by the ELBO alone (scaling the features by ``c`` and the kernel by ``1/c`` leaves
+it unchanged); ``tau`` relative to the kernel's scale is what the data determine. The
+mean-field ``s_i`` understate the posterior variance of correlated coordinates, which biases
+``gamma_i`` up and ``tau`` down, under either update. The E-step (``elbo_steps x
+elbo_samples`` passes over a client's features) is compute-bound, as are the body steps
+(each client trains its own copy of the body), so on a CPU the vmapped round runs at about
+the speed of a per-client loop of the same update (1.0x at 100 clients, against the 5x of
+issue 4); ``vmap`` can only pay off where the per-client work is overhead-bound, or on an
+accelerator (not measured: none was lent).
 
 References
 ----------
@@ -203,6 +205,7 @@ class SVISettings(NamedTuple):
         Adam step size of the ELBO steps (on ``m_i`` and ``log s_i``).
     body_draws : bool
         Train the body on one draw ``theta_i ~ q_i`` per step instead of on ``m_i``.
+        Experimental: it can collapse (the body shrinks its features and ``tau`` grows).
     init_tau : float
         Starting value of every ``tau``; ``tau`` is then learned. It starts *wide* (a weak
         prior) so that the M-step contracts it to the clients' spread from above.
