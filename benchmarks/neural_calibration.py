@@ -24,16 +24,16 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from bench_neural import COLD_START_SHARE, model_for
 
 from hierfl.neural import harness
 from hierfl.neural.metrics import summarize
-from hierfl.neural.svi import predictive_probs, stack_client_data
+from hierfl.neural.svi import stack_client_data
 from models import mnist_heads
 
 
@@ -45,7 +45,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples", type=int, default=32, help="head draws per prediction")
     parser.add_argument(
         "--body-draws",
         action="store_true",
@@ -79,14 +78,6 @@ def main(argv=None) -> dict:
         f"{float(np.mean(fit.personal_sd)):.3f}"
     )
 
-    unravel, _ = fit._unravel()
-    score = jax.jit(
-        jax.vmap(
-            lambda m, s, x, k: predictive_probs(
-                model, unravel, fit.shared, m, s, x, k, args.samples
-            )
-        )
-    )
     mean, sd = np.asarray(fit.personal_mean), np.asarray(fit.personal_sd)
     mu, tau = np.tile(fit.mu, (n, 1)), np.tile(fit.tau, (n, 1))
     heads = {
@@ -100,15 +91,14 @@ def main(argv=None) -> dict:
         name: stack_client_data(model, getattr(split, name).subset(ids))
         for name in ("train", "test")
     }
-    keys = jax.random.split(jax.random.PRNGKey(args.seed + 5), n)
+    key = jax.random.PRNGKey(args.seed + 5)
     rows = {}
     print("| head | rows | accuracy | NLL | ECE | ECE floor |")
     print("|---|---|---|---|---|---|")
     for head, (m, s) in heads.items():
         for rows_name, st in stacked.items():
-            probs = harness.split_probs(
-                score(jnp.asarray(m), jnp.asarray(s), st["x"], keys), st["size"]
-            )
+            head_fit = dataclasses.replace(fit, personal_mean=m, personal_sd=s)
+            probs = harness.hierfl_probs(head_fit, st, key=key)
             labels = harness.split_probs(st["y"], st["size"])
             summary = summarize(probs, labels)
             rows[head, rows_name] = summary
