@@ -83,8 +83,7 @@ NOTES = (
     "+0.003 ECE at 20 clients. That run also met the accuracy target on 6 of 9 "
     "partitions, and its misses were smaller than their paired per-seed standard errors "
     "(Dirichlet 5 at 20 clients -0.002 +- 0.003, pathological at 100 -0.004 +- 0.005, "
-    "feature shift at 100 -0.002 +- 0.012). "
-    "With "
+    "feature shift at 100 -0.002 +- 0.012). With "
     "`init_tau=0.3` the fixed point settles at a smaller `tau` (0.13 vs 0.30 on Dirichlet "
     "5): with the body a point estimate that co-adapts to the heads, `tau` has more than one "
     "self-consistent value. Dirichlet 0.1 cannot be split among 110 clients (100 plus 10 "
@@ -302,8 +301,8 @@ def report(all_results, speed, args, command, skipped=()):
 
 
 def paired(ours, theirs) -> str:
-    """`` (by seed: mean difference +- its standard error)`` of per-seed accuracies (each seed
-    draws its own partition and split, so the seeds pair the two methods)."""
+    """`` (paired by seed: mean difference +- its standard error, ...)`` of two methods'
+    per-seed accuracies (each seed draws its own partition and split, so seeds pair them)."""
     diff = np.asarray(ours) - np.asarray(theirs)
     if diff.size < 2:
         return ""
