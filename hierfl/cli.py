@@ -306,9 +306,12 @@ def run_mnist(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hierfl`` command."""
+    from models.mnist_heads import PARTITIONS
+
     parser = argparse.ArgumentParser(prog="hierfl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     job = commands.add_parser("radon", help="federated fit of the radon model (main job)")
+    job.set_defaults(run=run_radon)
     job.add_argument(
         "--out",
         type=Path,
@@ -324,36 +327,17 @@ def main(argv: list[str] | None = None) -> int:
         help="neural variant on the bundled digits: Bayesian personal heads vs FedAvg "
         "(needs the neural extra)",
     )
+    neural.set_defaults(run=run_mnist)
     neural.add_argument("--out", type=Path, default=Path("hierfl-mnist"))
-    neural.add_argument(
-        "--partition",
-        default="dirichlet_0.5",
-        help="dirichlet_0.1, dirichlet_0.5, dirichlet_5, pathological or feature_shift",
-    )
-    neural.add_argument("--clients", type=int, default=20)
-    neural.add_argument("--rounds", type=int, default=10)
+    neural.add_argument("--partition", choices=PARTITIONS, default="dirichlet_0.5")
+    neural.add_argument("--clients", dest="num_clients", type=int, default=20)
+    neural.add_argument("--rounds", dest="num_rounds", type=int, default=10)
     neural.add_argument("--local-steps", type=int, default=10)
     neural.add_argument("--learning-rate", type=float, default=3e-3)
     neural.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "mnist":
-        run_mnist(
-            args.out,
-            partition=args.partition,
-            num_clients=args.clients,
-            num_rounds=args.rounds,
-            local_steps=args.local_steps,
-            learning_rate=args.learning_rate,
-            seed=args.seed,
-        )
-    if args.command == "radon":
-        run_radon(
-            args.out,
-            seed=args.seed,
-            num_samples=args.num_samples,
-            num_warmup=args.num_warmup,
-            num_chains=args.num_chains,
-        )
+    options = vars(parser.parse_args(argv))
+    options.pop("command")
+    options.pop("run")(options.pop("out"), **options)
     return 0
 
 
