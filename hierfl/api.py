@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,7 +18,7 @@ from .engines.nuts import fit_nuts
 from .families import ConjugateFamily
 from .fit import Fit, inspect_model
 from .fit import _subset_batch as subset_batch
-from .protocol import simulate
+from .protocol import drive
 
 __all__ = ["METHODS", "as_client_data", "fit"]
 
@@ -70,7 +71,9 @@ def fit(
     **options
         Engine options: ``num_warmup``, ``num_samples``, ``num_chains`` (defaults 1000, 1000,
         4), ``target_accept``; for ``exact`` also ``server`` (``"auto"``, ``"nuts"`` or
-        ``"laplace"``) and ``importance_draws``.
+        ``"laplace"``) and ``importance_draws``; for ``exact`` and ``svi`` also ``driver``:
+        ``"simulate"`` (default, in process) or ``"flower"`` (Flower's simulation engine, one
+        SuperNode per client; the ``flower`` extra; see :mod:`hierfl.flower`).
 
     Returns
     -------
@@ -106,7 +109,14 @@ def _settings(options: dict[str, Any], progress: bool) -> GlobalsSettings:
 
 
 def _fit_exact(
-    model, data: ClientData, *, seed: int, progress: bool, server: str = "auto", **options
+    model,
+    data: ClientData,
+    *,
+    seed: int,
+    progress: bool,
+    server: str = "auto",
+    driver: str = "simulate",
+    **options,
 ) -> Fit:
     if not isinstance(model, ConjugateFamily):
         raise TypeError(
@@ -122,12 +132,13 @@ def _fit_exact(
         "fields": {k: jnp.asarray(np.asarray(padded[k], float_type)) for k in model.required},
         "mask": jnp.asarray(mask),
     }
-    algorithm = exact_algorithm(
-        model, server=server, settings=settings, num_clients=data.num_clients
+    make_algorithm = functools.partial(
+        exact_algorithm, model, server=server, settings=settings, num_clients=data.num_clients
     )
     key = jax.random.PRNGKey(seed)
-    result = simulate(
-        algorithm,
+    result = drive(
+        driver,
+        make_algorithm,
         key,
         client_data,
         client_ids=data.client_ids,

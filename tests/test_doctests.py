@@ -15,6 +15,7 @@ MODULES = [
     "hierfl.fit",
     "hierfl.priors",
     "hierfl.protocol",
+    "hierfl.flower",
     "hierfl.engines.exact",
     "hierfl.engines.globals_inference",
     "hierfl.engines.nuts",
@@ -36,6 +37,8 @@ MODULES = [
 def test_doctests(name):
     if name.startswith("hierfl.neural"):
         pytest.importorskip("flax")  # the ``neural`` extra
+    if name == "hierfl.flower":
+        pytest.importorskip("flwr")  # the ``flower`` extra
     module = importlib.import_module(name)
     result = doctest.testmod(
         module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
@@ -54,6 +57,8 @@ def test_public_modules_have_examples(name):
 def test_every_module_declares_all(name):
     if name.startswith("hierfl.neural"):
         pytest.importorskip("flax")
+    if name == "hierfl.flower":
+        pytest.importorskip("flwr")
     module = importlib.import_module(name)
     assert isinstance(getattr(module, "__all__", None), list | tuple), name
     for item in module.__all__:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import numpy as np
 from .._arviz import arviz
 from ..data import ClientData, DataError
 from ..fit import as_key, load_object, save_object
-from ..protocol import simulate
+from ..protocol import drive
 from .model import NeuralModel, personal_names
 from .svi import (
     SVISettings,
@@ -228,9 +229,17 @@ def _predict_jit(model, unravel, num_samples):
 
 
 def fit_svi(
-    model: NeuralModel, data: ClientData, *, seed: int = 0, progress: bool = False, **options
+    model: NeuralModel,
+    data: ClientData,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    driver: str = "simulate",
+    **options,
 ) -> NeuralFit:
-    """Run federated VI (see :mod:`hierfl.neural.svi`) with :func:`hierfl.protocol.simulate`.
+    """Run federated VI (see :mod:`hierfl.neural.svi`) with :func:`hierfl.protocol.simulate`
+    (``driver="simulate"``) or in Flower's simulation engine (``driver="flower"``,
+    :mod:`hierfl.flower`).
 
     ``options`` are the fields of :class:`SVISettings`.
 
@@ -260,10 +269,10 @@ def fit_svi(
         )
     settings = SVISettings(**options)
     stacked = stack_client_data(model, data)
-    algorithm = svi_algorithm(model, settings=settings)
     start = time.perf_counter()
-    result = simulate(
-        algorithm,
+    result = drive(
+        driver,
+        functools.partial(svi_algorithm, model, settings=settings),
         jax.random.PRNGKey(seed),
         stacked,
         client_ids=data.client_ids,

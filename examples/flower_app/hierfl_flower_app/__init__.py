@@ -1,0 +1,1 @@
+"""hierfl's federated radon fit as a Flower App (see ``app.py``)."""
