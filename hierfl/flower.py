@@ -191,20 +191,24 @@ def _spec_json(tree: PyTree) -> str:
 
 
 # ---------------------------------------------------------------------------- client side
-_RUNTIMES: dict[str, dict] = {}
+_RUNTIMES: dict[tuple, dict] = {}
 
 
-def _runtime(token: str, make_algorithm: Callable[[], FederatedAlgorithm]) -> dict:
-    """The algorithm and its compiled client functions, built once per process (a node, or
-    a simulation worker that serves many nodes)."""
-    if token not in _RUNTIMES:
-        algorithm = make_algorithm()
-        _RUNTIMES[token] = {
+def _runtime(
+    token: str, make_algorithm: Callable[..., FederatedAlgorithm], options: dict | None = None
+) -> dict:
+    """The algorithm (``make_algorithm(**options)``) and its compiled client functions, built
+    once per process (a node, or a simulation worker that serves many nodes) and options."""
+    options = options or {}
+    key = (token, tuple(sorted(options.items())))
+    if key not in _RUNTIMES:
+        algorithm = make_algorithm(**options)
+        _RUNTIMES[key] = {
             "algorithm": algorithm,
             "update": jax.jit(algorithm.client_update),
             "finalize": jax.jit(algorithm.client_finalize),
         }
-    return _RUNTIMES[token]
+    return _RUNTIMES[key]
 
 
 def _initial_state(algorithm: FederatedAlgorithm, init_key, client_data, index, num_clients):
@@ -286,9 +290,10 @@ def handle_client_message(
 
 
 def client_app(
-    make_algorithm: Callable[[], FederatedAlgorithm],
+    make_algorithm: Callable[..., FederatedAlgorithm],
     load_client: Callable[[Context], tuple[int, PyTree]],
     *,
+    algorithm_options: Callable[[Context], dict] | None = None,
     token: str | None = None,
 ) -> ClientApp:
     """A Flower ``ClientApp`` running ``make_algorithm()``'s client functions.
@@ -296,12 +301,15 @@ def client_app(
     Parameters
     ----------
     make_algorithm : callable
-        Builds the algorithm (called once per process, so it must be picklable: a
-        module-level function or a :func:`functools.partial` of one).
+        Builds the algorithm, once per process and options (it must be picklable for the
+        simulation engine: a module-level function or a :func:`functools.partial` of one).
     load_client : callable
         ``load_client(context) -> (index, client_data)``: this node's client index in
         ``0..N-1`` and its data pytree (one client's, no client axis), e.g. from
         ``context.node_config``.
+    algorithm_options : callable, optional
+        ``algorithm_options(context) -> dict`` of keyword arguments for ``make_algorithm``
+        (e.g. from ``context.run_config``); hashable values.
     token : str, optional
         Names the compiled functions' cache; apps built from the same algorithm may share it.
     """
@@ -310,7 +318,8 @@ def client_app(
 
     def handler(message: Message, context: Context) -> Message:
         index, data = load_client(context)
-        runtime = _runtime(token, make_algorithm)
+        options = {} if algorithm_options is None else algorithm_options(context)
+        runtime = _runtime(token, make_algorithm, options)
         content = handle_client_message(
             runtime, message.metadata.message_type, message.content, context.state, index, data
         )

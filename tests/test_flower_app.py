@@ -1,16 +1,20 @@
 """The example Flower App (``examples/flower_app``) runs under ``flwr run`` and gives the
-in-process fit's posterior.
+in-process fit's posterior, in both of Flower's runtimes.
 
-Slow: ``flwr run`` starts a local SuperLink and Flower's simulation engine with 85
-SuperNodes (about 30 s on two cores). The SuperLink is stopped by its process afterwards.
+Slow. Simulation runtime: ``flwr run`` starts a local SuperLink and Flower's simulation
+engine with 85 SuperNodes (about 30 s on two cores); the SuperLink is stopped by its process
+afterwards. Deployment runtime: a SuperLink and one SuperNode process per county (the first
+four counties), on loopback ports, stopped afterwards (about 40 s).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +69,13 @@ def test_flwr_run_of_the_example_app_gives_the_in_process_posterior(tmp_path):
     finally:
         _stop_local_superlink(home)
     assert "85 of 85 counties received" in run.stdout + run.stderr, run.stdout + run.stderr
-    draws = np.load(output)
+    _assert_same_posterior(np.load(output), radon.load())
+
+
+def _assert_same_posterior(draws, data):
     reference = hf.fit(
         radon.family(),
-        radon.load(),
+        data,
         method="exact",
         num_warmup=SAMPLES,
         num_samples=SAMPLES,
@@ -82,3 +89,92 @@ def test_flwr_run_of_the_example_app_gives_the_in_process_posterior(tmp_path):
         # the means agree to Monte Carlo error (a few tenths of a posterior sd at 600 draws)
         assert np.all(np.abs(ours.mean(axis=0) - theirs.mean(axis=0)) < 0.25 * sd), site
         np.testing.assert_allclose(ours.std(axis=0), sd, rtol=0.25)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_example_app_on_a_superlink_with_real_supernodes(tmp_path):
+    counties = 4
+    home, output = tmp_path / "flwr-home", tmp_path / "radon.npz"
+    home.mkdir()
+    link = _free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+        f'address = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    env = dict(
+        os.environ,
+        **OFFLINE_ENVIRONMENT,
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+    )
+    bin_dir = Path(sys.executable).parent
+    logs = [open(tmp_path / f"process-{i}.log", "w") for i in range(counties + 1)]
+    commands = [
+        [
+            str(bin_dir / "flower-superlink"),
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--port",
+            str(link),
+            "--database",
+            str(tmp_path / "state.db"),
+        ]
+    ] + [
+        [
+            str(bin_dir / "flower-supernode"),
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{link}",
+            "--port",
+            str(_free_port()),
+            "--node-config",
+            f"partition-id={i}",
+        ]
+        for i in range(counties)
+    ]
+    processes = []
+    try:
+        for command, log in zip(commands, logs, strict=True):
+            processes.append(
+                subprocess.Popen(
+                    command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
+            time.sleep(3 if not processes[1:] else 0.5)  # the SuperLink first
+        run = subprocess.run(
+            [
+                str(bin_dir / "flwr"),
+                "run",
+                ".",
+                "loopback",
+                "--stream",
+                "--run-config",
+                f"num-counties={counties} num-warmup={SAMPLES} num-samples={SAMPLES} "
+                f'num-chains=2 output="{output}"',
+            ],
+            cwd=APP,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+    finally:
+        for process in processes:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for process in processes:
+            process.wait(timeout=30)
+        for log in logs:
+            log.close()
+    report = run.stdout + run.stderr
+    assert f"{counties} of {counties} counties received" in report, report
+    data = radon.load()
+    _assert_same_posterior(np.load(output), data.subset(data.client_ids[:counties]))

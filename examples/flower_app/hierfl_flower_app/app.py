@@ -8,12 +8,12 @@ method="exact")`` does in process, with the same keys (:func:`hierfl.flower.run_
 every county then keeps its personal posterior on its node.
 
 Run it from this folder with ``flwr run . --stream --federation-config
-"num-supernodes=85"`` (see README.md).
+"num-supernodes=85"`` (see README.md); the run config ``num-counties`` takes the first few
+counties only (as many SuperNodes).
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import jax
@@ -33,14 +33,26 @@ COUNTIES = radon.load()
 FAMILY = radon.family()
 
 
-def make_algorithm(num_warmup=1000, num_samples=1000, num_chains=4) -> FederatedAlgorithm:
-    """The exact engine for the radon family (the server runs NUTS on the statistics)."""
+def make_algorithm(
+    num_counties=COUNTIES.num_clients, num_warmup=1000, num_samples=1000, num_chains=4
+) -> FederatedAlgorithm:
+    """The exact engine for the radon family (the server runs NUTS on the statistics) over
+    the first ``num_counties`` counties."""
     settings = GlobalsSettings(
         num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains
     )
-    return exact_algorithm(
-        FAMILY, server="auto", settings=settings, num_clients=COUNTIES.num_clients
-    )
+    return exact_algorithm(FAMILY, server="auto", settings=settings, num_clients=num_counties)
+
+
+def run_options(context: Context) -> dict:
+    """``make_algorithm``'s options from the run config."""
+    config = context.run_config
+    return {
+        "num_counties": int(config["num-counties"]),
+        "num_warmup": int(config["num-warmup"]),
+        "num_samples": int(config["num-samples"]),
+        "num_chains": int(config["num-chains"]),
+    }
 
 
 def county_data(index: int) -> dict:
@@ -64,24 +76,19 @@ server = ServerApp()
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
-    config = context.run_config
-    make = functools.partial(
-        make_algorithm,
-        num_warmup=int(config["num-warmup"]),
-        num_samples=int(config["num-samples"]),
-        num_chains=int(config["num-chains"]),
-    )
+    config, options = context.run_config, run_options(context)
+    num_counties = options["num_counties"]
     result = flower.run_server(
         grid,
-        make(),
+        make_algorithm(**options),
         jax.random.PRNGKey(int(config["seed"])),
-        num_clients=COUNTIES.num_clients,
+        num_clients=num_counties,
         num_rounds=1,
-        client_ids=COUNTIES.client_ids,
+        client_ids=COUNTIES.client_ids[:num_counties],
     )
     draws = {k: np.asarray(v) for k, v in result.server_state.draws.items()}
     received = result.rounds[0].received
-    lines = [f"hierfl radon on Flower: {received} of {COUNTIES.num_clients} counties received"]
+    lines = [f"hierfl radon on Flower: {received} of {num_counties} counties received"]
     for site, value in draws.items():
         mean, sd = value.mean(axis=0), value.std(axis=0)
         lines.append(f"  {site}: mean {np.round(mean, 3).tolist()}, sd {np.round(sd, 3).tolist()}")
@@ -94,4 +101,4 @@ def main(grid: Grid, context: Context) -> None:
         print(f"  global posterior draws written to {path}", flush=True)
 
 
-client = flower.client_app(make_algorithm, load_client)
+client = flower.client_app(make_algorithm, load_client, algorithm_options=run_options)
