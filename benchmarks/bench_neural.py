@@ -70,7 +70,9 @@ NOTES = (
     "exception is Dirichlet 5 at 100 clients, where hierfl's 0.046 is well above its floor "
     "(0.016): it is overconfident there, as the baselines are (FedAvg 0.07, FedProx 0.05), "
     "with the body learning rate 0.01 that validation picks (at 0.003: ECE 0.031, accuracy "
-    "0.900, seed 0). Tried on validation rows (seeds 0 and 1) and not adopted: "
+    "0.900, seed 0); a diagonal Laplace body added after training overcorrects to ECE 0.20 "
+    "(see `neural_calibration.py` below). Tried on validation rows (seeds 0 and 1) and not "
+    "adopted: "
     '`hyper_update="em"` (ahead at 20 clients only because its `tau` is still near its '
     "start after 10 rounds; behind at 100 clients, feature shift -0.026 with ECE 0.11), "
     "`elbo_learning_rate=0.05` and `init_tau=0.3` (both -0.008 on Dirichlet 5). "

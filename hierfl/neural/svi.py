@@ -117,16 +117,19 @@ Dirichlet 5 at 100 clients, where it is overconfident (as are the baselines). Th
 body's features are overconfident whatever head sits on them (the head ``mu`` alone: test
 ECE 0.061, floor 0.012; ``benchmarks/neural_calibration.py``): the body is a point estimate
 that the ELBO does not regularize, and averaging over ``q_i`` recovers only part of it
-(0.044). Because the body is a point estimate, the scale of a head kernel's ``tau`` is not
-identified by the ELBO alone (scaling the features by ``c`` and the kernel by ``1/c`` leaves
-it unchanged); ``tau`` relative to the kernel's scale is what the data determine. The
-mean-field ``s_i`` understate the posterior variance of correlated coordinates, which biases
-``gamma_i`` up and ``tau`` down, under either update. The E-step (``elbo_steps x
-elbo_samples`` passes over a client's features) is compute-bound, as are the body steps
-(each client trains its own copy of the body), so on a CPU the vmapped round runs at about
-the speed of a per-client loop of the same update (1.0x at 100 clients, against the 5x of
-issue 4); ``vmap`` can only pay off where the per-client work is overhead-bound, or on an
-accelerator (not measured: none was lent).
+(0.044). A diagonal Laplace body added after training (the clients' Gauss-Newton sums and a
+per-layer prior by type-II maximum likelihood) overcorrects to an underconfident ECE of
+0.20: the data leave most first-layer weights at their prior sd. Because the body is a point
+estimate, the scale of a head kernel's ``tau`` is not identified by the ELBO alone (scaling
+the features by ``c`` and the kernel by ``1/c`` leaves it unchanged); ``tau`` relative to
+the kernel's scale is what the data determine. The mean-field ``s_i`` understate the
+posterior variance of correlated coordinates, which biases ``gamma_i`` up and ``tau`` down,
+under either update. The E-step (``elbo_steps x elbo_samples`` passes over a client's
+features) is compute-bound, as are the body steps (each client trains its own copy of the
+body), so on a CPU the vmapped round runs at about the speed of a per-client loop of the
+same update (1.0x at 100 clients, against the 5x of issue 4); ``vmap`` can only pay off
+where the per-client work is overhead-bound, or on an accelerator (not measured: none was
+lent).
 
 References
 ----------
