@@ -20,10 +20,12 @@ from .fit import Fit, inspect_model
 from .fit import _subset_batch as subset_batch
 from .protocol import drive
 
-__all__ = ["METHODS", "as_client_data", "fit"]
+__all__ = ["DRIVER_METHODS", "METHODS", "as_client_data", "fit"]
 
 #: engines by name; later engines register themselves here
 METHODS: dict[str, Callable[..., Fit]] = {}
+#: methods that take ``driver=`` (:data:`hierfl.protocol.DRIVERS`); the rest run in process
+DRIVER_METHODS = ("exact", "svi")
 
 
 def as_client_data(data, *, client: str | None = None) -> ClientData:
@@ -94,6 +96,11 @@ def fit(
     data = as_client_data(data, client=client)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    if options.get("driver", "simulate") != "simulate" and method not in DRIVER_METHODS:
+        raise ValueError(
+            f"driver={options['driver']!r} is available for methods {sorted(DRIVER_METHODS)}; "
+            f"method={method!r} runs in process (leave driver out)"
+        )
     start = time.perf_counter()
     result = METHODS[method](model, data, seed=seed, progress=progress, **options)
     result.diagnostics["wall_time"] = time.perf_counter() - start

@@ -287,3 +287,5 @@ def test_driver_flower_refuses_simulated_dropout_and_unknown_drivers(eight_schoo
         )
     with pytest.raises(ValueError, match="driver must be one of"):
         hf.fit(hf.NormalNormal(), eight_schools_data, driver="carrier-pigeon")
+    with pytest.raises(ValueError, match="method='nuts' runs in process"):
+        hf.fit(hf.NormalNormal(), eight_schools_data, method="nuts", driver="flower")
