@@ -12,19 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from .data import ClientData, DataError
+from .drivers import drive
 from .engines.exact import ExactClientSampler, exact_algorithm
 from .engines.globals_inference import GlobalsSettings
 from .engines.nuts import fit_nuts
 from .families import ConjugateFamily
 from .fit import Fit, inspect_model
 from .fit import _subset_batch as subset_batch
-from .protocol import drive
 
 __all__ = ["DRIVER_METHODS", "METHODS", "as_client_data", "fit"]
 
 #: engines by name; later engines register themselves here
 METHODS: dict[str, Callable[..., Fit]] = {}
-#: methods that take ``driver=`` (:data:`hierfl.protocol.DRIVERS`); the rest run in process
+#: methods that take ``driver=`` (:data:`hierfl.drivers.DRIVERS`); the rest run in process
 DRIVER_METHODS = ("exact", "svi")
 
 

@@ -367,6 +367,69 @@ def _exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, ti
     return replies, errors
 
 
+def _roster(grid: Grid, nodes, num_clients: int, client_ids: tuple, timeout):
+    """Ask every node which client it holds; returns ``{index: node}`` and the shapes of one
+    client's data (from the first reply)."""
+    query = {n: RecordDict({_CONFIG: ConfigRecord({"num_clients": num_clients})}) for n in nodes}
+    replies, errors = _exchange(grid, query, "query", timeout)
+    if errors:
+        raise RuntimeError(f"nodes failed the roster query: {errors}")
+    node_of, data_spec = {}, None
+    for node, content in replies.items():
+        index = int(content[_CONFIG]["client"])
+        if not 0 <= index < num_clients or index in node_of:
+            raise RuntimeError(f"node {node} claims client index {index} (taken or out of range)")
+        node_of[index] = node
+        data_spec = data_spec or content[_CONFIG]["data"]
+    missing = sorted(set(range(num_clients)) - set(node_of))
+    if missing:
+        raise RuntimeError(f"no node holds clients {[client_ids[i] for i in missing]}")
+    return node_of, unpack(None, data_spec, as_spec=True)
+
+
+def _requests(node_of, indices, broadcast, keys: dict, config: dict, accepted) -> dict:
+    """One request per client in ``indices``: the broadcast, the keys, and whether the
+    client's previous message was accepted."""
+    arrays, structure = pack(broadcast)
+    key_record = ArrayRecord({name: Array(np.asarray(k)) for name, k in keys.items()})
+    return {
+        node_of[i]: RecordDict(
+            {
+                _CONFIG: ConfigRecord(
+                    {"commit": bool(accepted[i]), "structure": structure, **config}
+                ),
+                _ARRAYS: arrays,
+                _KEYS: key_record,
+            }
+        )
+        for i in indices
+    }
+
+
+def _stack_replies(replies, index_of, schema_tree, num_clients: int):
+    """Stack the decoded messages in client order (zeros where none arrived); returns the
+    stacked messages, which rows arrived in shape, and ``{index: reason}`` for the rest."""
+    schema = message_schema(schema_tree)
+    got = np.zeros(num_clients, dtype=bool)
+    rows: list = [None] * num_clients
+    unfit = {}
+    for node, content in replies.items():
+        i = index_of[node]
+        try:
+            message = unpack(content[_ARRAYS], content[_CONFIG]["structure"])
+            if message_schema(message) != schema:
+                raise ValueError(f"fields {message_schema(message)} against {schema}")
+        except (KeyError, TypeError, ValueError) as error:
+            unfit[i] = f"message does not fit: {error}"
+            continue
+        rows[i], got[i] = message, True
+    zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), schema_tree)
+    messages = jax.tree_util.tree_map(
+        lambda *leaves: jnp.stack(leaves), *[zero if r is None else r for r in rows]
+    )
+    return messages, got, unfit
+
+
 def run_server(
     grid: Grid,
     algorithm: FederatedAlgorithm,
@@ -395,29 +458,19 @@ def run_server(
     client_ids = tuple(range(num_clients)) if client_ids is None else tuple(client_ids)
     init_key, run_key, final_key = jax.random.split(key, 3)
     nodes = _wait_for_nodes(grid, num_clients, connect_timeout)
-    query = {n: RecordDict({_CONFIG: ConfigRecord({"num_clients": num_clients})}) for n in nodes}
-    replies, errors = _exchange(grid, query, "query", timeout)
-    if errors:
-        raise RuntimeError(f"nodes failed the roster query: {errors}")
-    node_of, data_spec = {}, None
-    for node, content in replies.items():
-        index = int(content[_CONFIG]["client"])
-        if not 0 <= index < num_clients or index in node_of:
-            raise RuntimeError(f"node {node} claims client index {index} (taken or out of range)")
-        node_of[index] = node
-        data_spec = data_spec or content[_CONFIG]["data"]
-    missing = sorted(set(range(num_clients)) - set(node_of))
-    if missing:
-        raise RuntimeError(f"no node holds clients {[client_ids[i] for i in missing]}")
-    data_row = unpack(None, data_spec, as_spec=True)
-    stacked_spec = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct((num_clients, *s.shape), s.dtype), data_row
+    node_of, data_row = _roster(grid, nodes, num_clients, client_ids, timeout)
+    index_of = {node: i for i, node in node_of.items()}
+    server_state, client_spec = algorithm.init(
+        init_key,
+        jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct((num_clients, *s.shape), s.dtype), data_row
+        ),
     )
-    server_state, client_spec = algorithm.init(init_key, stacked_spec)
     state_row = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], a.dtype), client_spec
     )
     accepted = np.zeros(num_clients, dtype=bool)  # was the client's last message kept?
+    schemas: dict[str, PyTree] = {}  # what client_update declares, per broadcast structure
     rounds: list[RoundRecord] = []
     skips: list[SkipRecord] = []
     bar = None
@@ -425,35 +478,6 @@ def run_server(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_rounds, desc=progress if isinstance(progress, str) else "rounds")
-
-    def contents_for(indices, broadcast, client_key, stage_config):
-        arrays, structure = pack(broadcast)
-        keys = ArrayRecord(
-            {
-                "client": Array(np.asarray(client_key)),
-                "init": Array(np.asarray(init_key)),
-            }
-        )
-        return {
-            node_of[i]: RecordDict(
-                {
-                    _CONFIG: ConfigRecord(
-                        {
-                            "num_clients": num_clients,
-                            "commit": bool(accepted[i]),
-                            "structure": structure,
-                            **stage_config,
-                        }
-                    ),
-                    _ARRAYS: arrays,
-                    _KEYS: keys,
-                }
-            )
-            for i in indices
-        }
-
-    index_of = {node: i for i, node in node_of.items()}
-    schemas: dict[str, PyTree] = {}
     for round_index in range(num_rounds):
         round_key = jax.random.fold_in(run_key, round_index)
         pick_key, _, client_key, server_key = jax.random.split(round_key, 4)
@@ -461,38 +485,30 @@ def run_server(
         if participation >= 1.0:
             asked[:] = True
         broadcast = algorithm.broadcast(server_state)
-        broadcast_spec = _spec_json(broadcast)
-        if broadcast_spec not in schemas:  # what client_update declares, traced once
-            schemas[broadcast_spec] = jax.eval_shape(
+        structure = _spec_json(broadcast)
+        if structure not in schemas:
+            schemas[structure] = jax.eval_shape(
                 algorithm.client_update, client_key, broadcast, state_row, data_row
             )[1]
-        schema_tree = schemas[broadcast_spec]
-        schema = message_schema(schema_tree)
-        contents = contents_for(np.flatnonzero(asked), broadcast, client_key, {})
-        replies, errors = _exchange(grid, contents, "train", timeout)
-        got = np.zeros(num_clients, dtype=bool)
-        rows: list = [None] * num_clients
-        for node, reason in errors.items():
-            skips.append(SkipRecord(round_index, client_ids[index_of[node]], reason))
-        for node, content in replies.items():
-            i = index_of[node]
-            try:
-                message = unpack(content[_ARRAYS], content[_CONFIG]["structure"])
-                if message_schema(message) != schema:
-                    raise ValueError(f"fields {message_schema(message)} against {schema}")
-            except (KeyError, TypeError, ValueError) as error:
-                skips.append(
-                    SkipRecord(round_index, client_ids[i], f"message does not fit: {error}")
-                )
-                continue
-            rows[i], got[i] = message, True
-        zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), schema_tree)
-        messages = jax.tree_util.tree_map(
-            lambda *leaves: jnp.stack(leaves), *[zero if r is None else r for r in rows]
+        requests = _requests(
+            node_of,
+            np.flatnonzero(asked),
+            broadcast,
+            {"client": client_key, "init": init_key},
+            {"num_clients": num_clients},
+            accepted,
         )
-        ok, reasons = validate_messages(messages, schema, algorithm.validate_message, broadcast)
-        for i in np.flatnonzero(got & ~ok):
-            skips.append(SkipRecord(round_index, client_ids[i], reasons[i]))
+        replies, errors = _exchange(grid, requests, "train", timeout)
+        messages, got, unfit = _stack_replies(replies, index_of, schemas[structure], num_clients)
+        ok, reasons = validate_messages(
+            messages, message_schema(schemas[structure]), algorithm.validate_message, broadcast
+        )
+        reasons = (
+            {index_of[n]: r for n, r in errors.items()}
+            | unfit
+            | {i: reasons[i] for i in np.flatnonzero(got & ~ok)}
+        )
+        skips += [SkipRecord(round_index, client_ids[i], r) for i, r in sorted(reasons.items())]
         received = got & ok
         accepted[asked] = received[asked]
         server_state, server_info = algorithm.server_update(
@@ -504,27 +520,29 @@ def run_server(
             bar.set_postfix(received=f"{int(received.sum())}/{num_clients}")
     if bar is not None:
         bar.close()
-    contents = contents_for(
+    requests = _requests(
+        node_of,
         range(num_clients),
         algorithm.broadcast(server_state),
-        final_key,
-        {"return_clients": return_clients},
+        {"client": final_key, "init": init_key},
+        {"num_clients": num_clients, "return_clients": return_clients},
+        accepted,
     )
-    replies, errors = _exchange(grid, contents, "evaluate", timeout)
-    for node, reason in errors.items():
-        skips.append(SkipRecord(num_rounds, client_ids[index_of[node]], f"finalize: {reason}"))
-    personal = states = None
-    if return_clients:
-        if errors:
-            raise RuntimeError(f"clients failed to finalize: {errors}")
-        ordered = [replies[node_of[i]] for i in range(num_clients)]
+    replies, errors = _exchange(grid, requests, "evaluate", timeout)
+    skips += [
+        SkipRecord(num_rounds, client_ids[index_of[n]], f"finalize: {r}") for n, r in errors.items()
+    ]
+    if not return_clients:
+        return SimulationResult(server_state, None, None, rounds, skips)
+    if errors:
+        raise RuntimeError(f"clients failed to finalize: {errors}")
+    ordered = [replies[node_of[i]] for i in range(num_clients)]
 
-        def stacked(name):
-            trees = [unpack(c[name], c[_CONFIG][name]) for c in ordered]
-            return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
+    def stacked(name):
+        trees = [unpack(c[name], c[_CONFIG][name]) for c in ordered]
+        return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
 
-        personal, states = stacked("personal"), stacked("state")
-    return SimulationResult(server_state, states, personal, rounds, skips)
+    return SimulationResult(server_state, stacked("state"), stacked("personal"), rounds, skips)
 
 
 def server_app(

@@ -28,8 +28,8 @@ the spirit of BlackJAX's ``(init, step)`` and FedJAX's ``federated_algorithm``:
 
 Two drivers run these functions: :func:`simulate` (in-process, vectorized, with partial
 participation and dropout) and the Flower adapter (:mod:`hierfl.flower`: Flower's Message
-API, in its simulation engine or on a SuperLink with real SuperNodes). :func:`drive` picks
-one by name (the ``driver=`` option of :func:`hierfl.fit`).
+API, in its simulation engine or on a SuperLink with real SuperNodes).
+:func:`hierfl.drivers.drive` picks one by name (the ``driver=`` option of :func:`hierfl.fit`).
 """
 
 from __future__ import annotations
@@ -43,14 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "DRIVERS",
     "ClientGroups",
     "FederatedAlgorithm",
     "RoundRecord",
     "SimulationResult",
     "SkipRecord",
     "algorithm_schema",
-    "drive",
     "finalize_clients",
     "map_clients",
     "message_schema",
@@ -371,64 +369,3 @@ def simulate(
         algorithm, vmapped_update, final_keys, broadcast, client_states, client_data
     )
     return SimulationResult(server_state, client_states, personal, rounds, skips)
-
-
-#: names of the drivers :func:`drive` runs an algorithm with
-DRIVERS = ("simulate", "flower")
-
-
-def drive(
-    driver: str,
-    make_algorithm: Callable[[], FederatedAlgorithm],
-    key,
-    client_data: PyTree,
-    *,
-    client_ids: tuple,
-    num_rounds: int,
-    participation: float = 1.0,
-    dropout: float = 0.0,
-    progress: bool | str = False,
-) -> SimulationResult:
-    """Run ``make_algorithm()`` with the driver named ``driver`` (one of :data:`DRIVERS`).
-
-    ``"simulate"``: :func:`simulate`, in process. ``"flower"``:
-    :func:`hierfl.flower.run_simulation`, Flower's simulation engine with one SuperNode per
-    client (the ``flower`` extra); the same keys give the same result, up to float rounding.
-    There, clients drop out when their node fails, so a simulated ``dropout`` is refused.
-    ``make_algorithm`` must be picklable for Flower (e.g. a :func:`functools.partial`).
-    """
-    if driver == "simulate":
-        return simulate(
-            make_algorithm(),
-            key,
-            client_data,
-            client_ids=client_ids,
-            num_rounds=num_rounds,
-            participation=participation,
-            dropout=dropout,
-            progress=progress,
-        )
-    if driver != "flower":
-        raise ValueError(f"driver must be one of {DRIVERS}, got {driver!r}")
-    if dropout:
-        raise ValueError(
-            f"driver='flower' takes no simulated dropout (got {dropout}): under Flower a client "
-            "drops out when its node fails or does not reply; use driver='simulate' to simulate it"
-        )
-    if isinstance(client_data, ClientGroups):
-        raise ValueError("driver='flower' runs every client on its own node: pass stacked data")
-    try:
-        from .flower import run_simulation
-    except ImportError as error:
-        raise ImportError(
-            "driver='flower' needs Flower's simulation engine: pip install 'hierfl[flower]'"
-        ) from error
-    return run_simulation(
-        make_algorithm,
-        key,
-        client_data,
-        client_ids=client_ids,
-        num_rounds=num_rounds,
-        participation=participation,
-        progress=progress,
-    )

@@ -15,6 +15,7 @@ MODULES = [
     "hierfl.fit",
     "hierfl.priors",
     "hierfl.protocol",
+    "hierfl.drivers",
     "hierfl.flower",
     "hierfl.engines.exact",
     "hierfl.engines.globals_inference",

@@ -25,6 +25,7 @@ from ray import cloudpickle  # noqa: E402
 
 import hierfl as hf  # noqa: E402
 from hierfl import flower  # noqa: E402
+from hierfl.drivers import drive  # noqa: E402
 from hierfl.engines.exact import exact_algorithm  # noqa: E402
 from hierfl.engines.globals_inference import GlobalsSettings  # noqa: E402
 from hierfl.protocol import SkipRecord, simulate  # noqa: E402
@@ -276,7 +277,7 @@ def test_svi_with_driver_flower_gives_the_simulators_fit():
 
 def test_driver_flower_refuses_simulated_dropout_and_unknown_drivers(eight_schools_data):
     with pytest.raises(ValueError, match="no simulated dropout"):
-        hf.protocol.drive(
+        drive(
             "flower",
             federated_mean,
             jax.random.PRNGKey(0),

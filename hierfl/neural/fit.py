@@ -15,8 +15,8 @@ import numpy as np
 
 from .._arviz import arviz
 from ..data import ClientData, DataError
+from ..drivers import drive
 from ..fit import as_key, load_object, save_object
-from ..protocol import drive
 from .model import NeuralModel, personal_names
 from .svi import (
     SVISettings,
