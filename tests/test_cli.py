@@ -68,3 +68,17 @@ def test_mnist_job_runs_and_its_outputs_agree(tmp_path):
     np.testing.assert_allclose(
         loaded.predict(0, x=x, key=1)["probs"], job["fit"].predict(0, x=x, key=1)["probs"]
     )
+
+
+@pytest.mark.slow
+def test_radon_job_on_flower_gives_the_in_process_intercepts(tmp_path, capsys):
+    pytest.importorskip("ray")
+    common = ["--num-samples", "300", "--num-warmup", "300", "--num-chains", "2"]
+    assert main(["radon", "--out", str(tmp_path / "simulate")] + common) == 0
+    assert main(["radon", "--out", str(tmp_path / "flower"), "--driver", "flower"] + common) == 0
+    assert "on Flower (one SuperNode per county)" in capsys.readouterr().out
+    ours = pd.read_csv(tmp_path / "flower" / "county_summary.csv", index_col=0)
+    theirs = pd.read_csv(tmp_path / "simulate" / "county_summary.csv", index_col=0)
+    # same statistics and keys: the intercepts agree to Monte Carlo error
+    gap = (ours.partial_pooling - theirs.partial_pooling).abs() / theirs.partial_sd
+    assert gap.max() < 0.25
