@@ -347,6 +347,13 @@ def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(0.1)
 
 
+def _last_line(reason: str) -> str:
+    """The gist of a client's error report (Flower wraps the exception in its own)."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    last = (lines[-1] if lines else str(reason)).rstrip("'>\"")
+    return last.rsplit("Message: ", 1)[-1]
+
+
 def _exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, timeout):
     """Send ``contents[node]`` to each node; returns ``{node: reply content}`` and
     ``{node: error reason}`` (errors and missing replies)."""
@@ -358,7 +365,7 @@ def _exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, ti
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            errors[node] = f"error on the client: {reply.error.reason}"
+            errors[node] = f"error on the client: {_last_line(reply.error.reason)}"
         else:
             replies[node] = reply.content
     for node in contents:
@@ -367,13 +374,11 @@ def _exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, ti
     return replies, errors
 
 
-def _roster(grid: Grid, nodes, num_clients: int, client_ids: tuple, timeout):
-    """Ask every node which client it holds; returns ``{index: node}`` and the shapes of one
-    client's data (from the first reply)."""
+def _roster(grid: Grid, nodes, num_clients: int, timeout):
+    """Ask every node which client it holds; returns ``{index: node}``, the shapes of one
+    client's data (from the first reply) and the reasons of the nodes that did not answer."""
     query = {n: RecordDict({_CONFIG: ConfigRecord({"num_clients": num_clients})}) for n in nodes}
     replies, errors = _exchange(grid, query, "query", timeout)
-    if errors:
-        raise RuntimeError(f"nodes failed the roster query: {errors}")
     node_of, data_spec = {}, None
     for node, content in replies.items():
         index = int(content[_CONFIG]["client"])
@@ -381,10 +386,9 @@ def _roster(grid: Grid, nodes, num_clients: int, client_ids: tuple, timeout):
             raise RuntimeError(f"node {node} claims client index {index} (taken or out of range)")
         node_of[index] = node
         data_spec = data_spec or content[_CONFIG]["data"]
-    missing = sorted(set(range(num_clients)) - set(node_of))
-    if missing:
-        raise RuntimeError(f"no node holds clients {[client_ids[i] for i in missing]}")
-    return node_of, unpack(None, data_spec, as_spec=True)
+    if not node_of:
+        raise RuntimeError(f"no node answered the roster query: {errors}")
+    return node_of, unpack(None, data_spec, as_spec=True), list(errors.values())
 
 
 def _requests(node_of, indices, broadcast, keys: dict, config: dict, accepted) -> dict:
@@ -453,13 +457,18 @@ def run_server(
     final state and personal posterior (for simulations; in a deployment they stay on the
     nodes and ``personal`` and ``client_states`` are ``None``). The run starts once
     ``num_clients`` nodes have connected (at most ``connect_timeout`` seconds), each holding
-    one client.
+    one client; a client whose node fails the roster query is skipped in every round (with
+    the node's error as the reason).
     """
     client_ids = tuple(range(num_clients)) if client_ids is None else tuple(client_ids)
     init_key, run_key, final_key = jax.random.split(key, 3)
     nodes = _wait_for_nodes(grid, num_clients, connect_timeout)
-    node_of, data_row = _roster(grid, nodes, num_clients, client_ids, timeout)
+    node_of, data_row, roster_errors = _roster(grid, nodes, num_clients, timeout)
     index_of = {node: i for i, node in node_of.items()}
+    present = np.isin(np.arange(num_clients), list(node_of))
+    absent = "no node holds this client" + (
+        f" (a node failed the roster query: {roster_errors[0]})" if roster_errors else ""
+    )
     server_state, client_spec = algorithm.init(
         init_key,
         jax.tree_util.tree_map(
@@ -484,6 +493,10 @@ def run_server(
         asked = np.array(jax.random.uniform(pick_key, (num_clients,)) < participation)
         if participation >= 1.0:
             asked[:] = True
+        skips += [
+            SkipRecord(round_index, client_ids[i], absent) for i in np.flatnonzero(asked & ~present)
+        ]
+        asked &= present
         broadcast = algorithm.broadcast(server_state)
         structure = _spec_json(broadcast)
         if structure not in schemas:
@@ -520,9 +533,13 @@ def run_server(
             bar.set_postfix(received=f"{int(received.sum())}/{num_clients}")
     if bar is not None:
         bar.close()
+    skips += [
+        SkipRecord(num_rounds, client_ids[i], f"finalize: {absent}")
+        for i in np.flatnonzero(~present)
+    ]
     requests = _requests(
         node_of,
-        range(num_clients),
+        np.flatnonzero(present),
         algorithm.broadcast(server_state),
         {"client": final_key, "init": init_key},
         {"num_clients": num_clients, "return_clients": return_clients},
@@ -534,8 +551,15 @@ def run_server(
     ]
     if not return_clients:
         return SimulationResult(server_state, None, None, rounds, skips)
-    if errors:
-        raise RuntimeError(f"clients failed to finalize: {errors}")
+    if errors or not present.all():
+        failed = sorted(
+            {client_ids[index_of[n]] for n in errors}
+            | set(np.array(client_ids, dtype=object)[~present])
+        )
+        raise RuntimeError(
+            f"clients {failed} have no personal posterior to return (see the skip records: "
+            "their nodes failed); run with return_clients=False to keep the global state"
+        )
     ordered = [replies[node_of[i]] for i in range(num_clients)]
 
     def stacked(name):
@@ -608,6 +632,7 @@ def run_simulation(
     timeout: float | None = None,
     progress: bool | str = False,
     verbose: bool = False,
+    load_client: Callable[[Context], tuple[int, PyTree]] | None = None,
 ) -> SimulationResult:
     """Run ``make_algorithm()`` in Flower's simulation engine, one SuperNode per client.
 
@@ -630,6 +655,10 @@ def run_simulation(
         Collect every client's final state and personal posterior into the result.
     workers : int, optional
         Simulation workers (CPU processes).
+    load_client : callable, optional
+        ``load_client(context) -> (index, client_data)`` for every node (see
+        :func:`client_app`); default: node ``partition-id`` holds row ``partition-id`` of
+        ``client_data``.
     """
     for name, value in OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
@@ -651,7 +680,8 @@ def run_simulation(
         return_clients=return_clients,
         progress=progress,
     )
-    client = client_app(make_algorithm, _SimulationClients(client_data), token=token)
+    load_client = _SimulationClients(client_data) if load_client is None else load_client
+    client = client_app(make_algorithm, load_client, token=token)
     flower_run_simulation(
         server_app=server,
         client_app=client,

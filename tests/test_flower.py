@@ -196,21 +196,23 @@ def test_flower_exact_engine_gives_the_simulators_posterior(
     np.testing.assert_allclose(result.personal.mean, reference.personal.mean, rtol=1e-4)
 
 
-class _FailsAfterFirstRound:
-    """``load_client``: node ``partition-id`` holds that row; client 2 raises once it has
-    taken part in a round (its node state holds a client state)."""
+class _FailingClient:
+    """``load_client``: node ``partition-id`` holds that row; client 2 raises, from the start
+    (``always``) or once it has taken part in a round (its node state holds a client state)."""
 
-    def __init__(self, stacked):
+    def __init__(self, stacked, always: bool):
         self.stacked = jax.tree_util.tree_map(np.asarray, stacked)
+        self.always = always
 
     def __call__(self, context):
         index = int(context.node_config["partition-id"])
-        if index == 2 and "hierfl.state" in context.state:
+        if index == 2 and (self.always or "hierfl.state" in context.state):
             raise RuntimeError("disk full on client 2")
         return index, jax.tree_util.tree_map(lambda a: a[index], self.stacked)
 
 
-def test_a_client_failing_on_its_node_is_skipped_and_the_rest_go_on(mean_clients):
+@pytest.mark.parametrize("always", [False, True], ids=["after-round-0", "from-the-start"])
+def test_a_client_failing_on_its_node_is_skipped_and_the_rest_go_on(mean_clients, always):
     from flwr.simulation import run_simulation as flower_run_simulation
 
     client_ids, stacked = mean_clients
@@ -223,7 +225,7 @@ def test_a_client_failing_on_its_node_is_skipped_and_the_rest_go_on(mean_clients
         result=out,
         client_ids=client_ids,
     )
-    client = flower.client_app(federated_mean, _FailsAfterFirstRound(stacked))
+    client = flower.client_app(federated_mean, _FailingClient(stacked, always))
     flower_run_simulation(
         server_app=server,
         client_app=client,
@@ -234,9 +236,11 @@ def test_a_client_failing_on_its_node_is_skipped_and_the_rest_go_on(mean_clients
         },
     )
     result = out["result"]
-    assert [r.received for r in result.rounds] == [5, 4, 4]  # c4 always, c2 from round 1
+    # c4's messages are non-finite in every round; c2 fails from round 1 (or from the start)
+    expected = [4, 4, 4] if always else [5, 4, 4]
+    assert [r.received for r in result.rounds] == expected
     failed = [s for s in result.skips if s.client == "c2"]
-    assert [s.round for s in failed] == [1, 2, 3]  # rounds 1 and 2, and the finalize
+    assert [s.round for s in failed] == ([0, 1, 2, 3] if always else [1, 2, 3])  # 3: finalize
     assert all("disk full on client 2" in s.reason for s in failed)
     assert np.isfinite(result.server_state) and result.personal is None
 
