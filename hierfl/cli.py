@@ -65,6 +65,11 @@ def run_radon(
     from .plots import plot_shrinkage
 
     stream = sys.stdout if stream is None else stream
+    if driver == "flower":
+        try:
+            from . import flower  # noqa: F401
+        except ImportError as error:
+            raise SystemExit(f"hierfl radon: {error}") from error
     az = arviz()
     out.mkdir(parents=True, exist_ok=True)
     data = radon.load()
