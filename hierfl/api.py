@@ -25,7 +25,7 @@ __all__ = ["DRIVER_METHODS", "METHODS", "as_client_data", "fit"]
 #: engines by name; later engines register themselves here
 METHODS: dict[str, Callable[..., Fit]] = {}
 #: methods that take ``driver=`` (:data:`hierfl.drivers.DRIVERS`); the rest run in process
-DRIVER_METHODS = ("exact", "svi")
+DRIVER_METHODS = ("exact", "ep", "svi")
 
 
 def as_client_data(data, *, client: str | None = None) -> ClientData:

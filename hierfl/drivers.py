@@ -30,6 +30,7 @@ def drive(
     participation: float = 1.0,
     dropout: float = 0.0,
     progress: bool | str = False,
+    **options,
 ) -> SimulationResult:
     """Run ``make_algorithm()`` with the driver named ``driver`` (one of :data:`DRIVERS`).
 
@@ -38,6 +39,9 @@ def drive(
     client (the ``flower`` extra); the same keys give the same result, up to float rounding.
     There, clients drop out when their node fails, so a simulated ``dropout`` is refused.
     ``make_algorithm`` must be picklable for Flower (e.g. a :func:`functools.partial`).
+    ``options`` (``state``, ``start_round``, ``converged``, ``on_round``,
+    ``final_broadcast``) go to either driver; ``corrupt`` and :class:`ClientGroups` data to
+    the simulator only.
     """
     if driver == "simulate":
         return simulate(
@@ -49,6 +53,7 @@ def drive(
             participation=participation,
             dropout=dropout,
             progress=progress,
+            **options,
         )
     if driver != "flower":
         raise ValueError(f"driver must be one of {DRIVERS}, got {driver!r}")
@@ -59,6 +64,11 @@ def drive(
         )
     if isinstance(client_data, ClientGroups):
         raise ValueError("driver='flower' runs every client on its own node: pass stacked data")
+    if options.get("corrupt") is not None:
+        raise ValueError(
+            "driver='flower' takes no fault injector (corrupt=): use driver='simulate'"
+        )
+    options.pop("corrupt", None)
     try:
         from .flower import run_simulation
     except ImportError as error:
@@ -73,4 +83,5 @@ def drive(
         num_rounds=num_rounds,
         participation=participation,
         progress=progress,
+        **options,
     )

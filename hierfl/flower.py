@@ -93,7 +93,7 @@ CONNECT_TIMEOUT = 120.0
 
 _CONFIG, _ARRAYS, _KEYS = "hierfl.config", "hierfl.arrays", "hierfl.keys"
 _STATE, _PENDING, _META = "hierfl.state", "hierfl.pending", "hierfl.meta"
-_PERSONAL = "hierfl.personal"
+_PERSONAL, _INITIAL = "hierfl.personal", "hierfl.initial"
 
 
 # ---------------------------------------------------------------------------- pytree codec
@@ -257,6 +257,8 @@ def handle_client_message(
     num_clients = int(config["num_clients"])
     client_key = jax.random.split(jnp.asarray(keys["client"].numpy()), num_clients)[index]
     _commit(context_state, bool(config["commit"]))
+    if _INITIAL in content:  # the server starts this client from a given state (a resume)
+        _store_state(context_state, _STATE, unpack(content[_INITIAL], config["initial"]))
     if _STATE in context_state:
         state = _load_state(context_state, _STATE)
     else:
@@ -391,23 +393,23 @@ def _roster(grid: Grid, nodes, num_clients: int, timeout):
     return node_of, unpack(None, data_spec, as_spec=True), list(errors.values())
 
 
-def _requests(node_of, indices, broadcast, keys: dict, config: dict, accepted) -> dict:
-    """One request per client in ``indices``: the broadcast, the keys, and whether the
-    client's previous message was accepted."""
+def _requests(
+    node_of, indices, broadcast, keys: dict, config: dict, accepted, initial=None
+) -> dict:
+    """One request per client in ``indices``: the broadcast, the keys, whether the client's
+    previous message was accepted, and the state to start from where ``initial`` (a function
+    of the client index, or ``None``) gives one."""
     arrays, structure = pack(broadcast)
     key_record = ArrayRecord({name: Array(np.asarray(k)) for name, k in keys.items()})
-    return {
-        node_of[i]: RecordDict(
-            {
-                _CONFIG: ConfigRecord(
-                    {"commit": bool(accepted[i]), "structure": structure, **config}
-                ),
-                _ARRAYS: arrays,
-                _KEYS: key_record,
-            }
-        )
-        for i in indices
-    }
+    requests = {}
+    for i in indices:
+        records = {_ARRAYS: arrays, _KEYS: key_record}
+        settings = {"commit": bool(accepted[i]), "structure": structure, **config}
+        start = None if initial is None else initial(i)
+        if start is not None:
+            records[_INITIAL], settings["initial"] = pack(start)
+        requests[node_of[i]] = RecordDict({_CONFIG: ConfigRecord(settings), **records})
+    return requests
 
 
 def _stack_replies(replies, index_of, schema_tree, num_clients: int):
@@ -447,6 +449,11 @@ def run_server(
     return_clients: bool = False,
     progress: bool | str = False,
     connect_timeout: float = CONNECT_TIMEOUT,
+    state: tuple[PyTree, PyTree] | None = None,
+    start_round: int = 0,
+    converged: Callable[[PyTree], bool] | None = None,
+    on_round: Callable | None = None,
+    final_broadcast: Callable[[PyTree], PyTree] | None = None,
 ) -> SimulationResult:
     """The server's main loop over a Flower ``Grid`` (the body of the ServerApp).
 
@@ -459,6 +466,11 @@ def run_server(
     ``num_clients`` nodes have connected (at most ``connect_timeout`` seconds), each holding
     one client; a client whose node fails the roster query is skipped in every round (with
     the node's error as the reason).
+
+    ``state``, ``start_round``, ``converged``, ``on_round`` and ``final_broadcast`` are those
+    of :func:`~hierfl.protocol.simulate`: with ``state=(server_state, client_states)`` every
+    client starts from its row of ``client_states`` (sent with its first request), and
+    ``on_round(record, server_state, None)`` gets no client states (they are on the nodes).
     """
     client_ids = tuple(range(num_clients)) if client_ids is None else tuple(client_ids)
     init_key, run_key, final_key = jax.random.split(key, 3)
@@ -469,12 +481,24 @@ def run_server(
     absent = "no node holds this client" + (
         f" (a node failed the roster query: {roster_errors[0]})" if roster_errors else ""
     )
-    server_state, client_spec = algorithm.init(
-        init_key,
-        jax.tree_util.tree_map(
-            lambda s: jax.ShapeDtypeStruct((num_clients, *s.shape), s.dtype), data_row
-        ),
-    )
+    if state is None:
+        server_state, client_spec = algorithm.init(
+            init_key,
+            jax.tree_util.tree_map(
+                lambda s: jax.ShapeDtypeStruct((num_clients, *s.shape), s.dtype), data_row
+            ),
+        )
+        initial = None
+    else:
+        server_state, client_spec = state
+        sent = np.zeros(num_clients, dtype=bool)
+
+        def initial(i):  # each client's row of the given states, with its first request
+            if sent[i]:
+                return None
+            sent[i] = True
+            return jax.tree_util.tree_map(lambda a: np.asarray(a[i]), client_spec)
+
     state_row = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], a.dtype), client_spec
     )
@@ -487,7 +511,7 @@ def run_server(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_rounds, desc=progress if isinstance(progress, str) else "rounds")
-    for round_index in range(num_rounds):
+    for round_index in range(start_round, num_rounds):
         round_key = jax.random.fold_in(run_key, round_index)
         pick_key, _, client_key, server_key = jax.random.split(round_key, 4)
         asked = np.array(jax.random.uniform(pick_key, (num_clients,)) < participation)
@@ -510,6 +534,7 @@ def run_server(
             {"client": client_key, "init": init_key},
             {"num_clients": num_clients},
             accepted,
+            initial,
         )
         replies, errors = _exchange(grid, requests, "train", timeout)
         messages, got, unfit = _stack_replies(replies, index_of, schemas[structure], num_clients)
@@ -527,10 +552,15 @@ def run_server(
         server_state, server_info = algorithm.server_update(
             server_key, server_state, messages, jnp.asarray(received)
         )
-        rounds.append(RoundRecord(round_index, int(asked.sum()), int(received.sum()), server_info))
+        record = RoundRecord(round_index, int(asked.sum()), int(received.sum()), server_info)
+        rounds.append(record)
+        if on_round is not None:
+            on_round(record, server_state, None)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(received=f"{int(received.sum())}/{num_clients}")
+        if converged is not None and converged(server_info):
+            break
     if bar is not None:
         bar.close()
     skips += [
@@ -540,10 +570,11 @@ def run_server(
     requests = _requests(
         node_of,
         np.flatnonzero(present),
-        algorithm.broadcast(server_state),
+        (algorithm.broadcast if final_broadcast is None else final_broadcast)(server_state),
         {"client": final_key, "init": init_key},
         {"num_clients": num_clients, "return_clients": return_clients},
         accepted,
+        initial,
     )
     replies, errors = _exchange(grid, requests, "evaluate", timeout)
     skips += [
@@ -633,6 +664,7 @@ def run_simulation(
     progress: bool | str = False,
     verbose: bool = False,
     load_client: Callable[[Context], tuple[int, PyTree]] | None = None,
+    **server_options,
 ) -> SimulationResult:
     """Run ``make_algorithm()`` in Flower's simulation engine, one SuperNode per client.
 
@@ -659,6 +691,9 @@ def run_simulation(
         ``load_client(context) -> (index, client_data)`` for every node (see
         :func:`client_app`); default: node ``partition-id`` holds row ``partition-id`` of
         ``client_data``.
+    **server_options
+        ``state``, ``start_round``, ``converged``, ``on_round``, ``final_broadcast`` (see
+        :func:`run_server`).
     """
     for name, value in OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
@@ -679,6 +714,7 @@ def run_simulation(
         timeout=timeout,
         return_clients=return_clients,
         progress=progress,
+        **server_options,
     )
     load_client = _SimulationClients(client_data) if load_client is None else load_client
     client = client_app(make_algorithm, load_client, token=token)

@@ -212,9 +212,13 @@ class _FailingClient:
 
 
 @pytest.mark.parametrize("always", [False, True], ids=["after-round-0", "from-the-start"])
-def test_a_client_failing_on_its_node_is_skipped_and_the_rest_go_on(mean_clients, always):
+def test_a_client_failing_on_its_node_is_skipped_and_the_rest_go_on(
+    mean_clients, always, monkeypatch
+):
     from flwr.simulation import run_simulation as flower_run_simulation
 
+    for name, value in flower.OFFLINE_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
     client_ids, stacked = mean_clients
     out: dict = {}
     server = flower.server_app(
@@ -277,6 +281,23 @@ def test_svi_with_driver_flower_gives_the_simulators_fit():
     np.testing.assert_allclose(
         fit.predict("c", x=x)["probs"], reference.predict("c", x=x)["probs"], rtol=1e-4
     )
+
+
+def test_ep_with_driver_flower_gives_the_simulators_fit():
+    from models import cbpp
+
+    data = cbpp.load()
+    options = dict(method="ep", tilted="laplace", num_rounds=3, seed=0)
+    reference = hf.fit(cbpp.model, data, **options)
+    fit = hf.fit(cbpp.model, data, driver="flower", **options)
+    assert fit.diagnostics["rounds"] == reference.diagnostics["rounds"] == 3
+    np.testing.assert_allclose(  # Newton-Laplace tilted inference: deterministic
+        fit.diagnostics["history"]["mean"], reference.diagnostics["history"]["mean"], atol=1e-4
+    )
+    for site, draws in reference.global_samples.items():
+        np.testing.assert_allclose(fit.global_samples[site], draws, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="synchronous schedule only"):
+        hf.fit(cbpp.model, data, driver="flower", schedule="sequential", **options)
 
 
 def test_driver_flower_refuses_simulated_dropout_and_unknown_drivers(eight_schools_data):

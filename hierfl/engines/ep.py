@@ -84,6 +84,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -97,8 +98,9 @@ from numpyro.infer.util import constrain_fn, potential_energy
 from numpyro.primitives import Messenger
 
 from ..data import ClientData, ModelData
+from ..drivers import drive
 from ..fit import Fit, ModelSites, StoredClientSamples, inspect_model
-from ..protocol import ClientGroups, SkipRecord, finalize_clients, simulate
+from ..protocol import ClientGroups, SkipRecord, finalize_clients
 from .globals_inference import unconstrained
 
 __all__ = [
@@ -1376,6 +1378,11 @@ def prepare(model, data: ClientData, settings: EPSettings):
     return sites, problem, client_data, algorithm
 
 
+def _prepared_algorithm(model, data: ClientData, settings: EPSettings):
+    """The EP algorithm for ``model`` on ``data`` (rebuilt on every Flower node)."""
+    return prepare(model, data, settings)[3]
+
+
 def run_ep(
     algorithm,
     key,
@@ -1388,12 +1395,25 @@ def run_ep(
     start_round: int = 0,
     on_round=None,
     progress: bool = False,
+    driver: str = "simulate",
+    make_algorithm=None,
 ) -> EPRun:
     """Run EP rounds with either schedule; returns an :class:`EPRun`.
 
     ``state=(server_state, client_states)`` and ``start_round`` resume a run; rounds use
-    ``fold_in(key, round)``, so a resumed run continues identically.
+    ``fold_in(key, round)``, so a resumed run continues identically. ``driver="flower"``
+    runs the synchronous rounds on Flower (:func:`hierfl.drivers.drive`; ``make_algorithm``
+    rebuilds ``algorithm`` on every node); the sequential schedule and the opening sequential
+    sweep run in process only.
     """
+    if driver == "flower":
+        if settings.schedule != "synchronous":
+            raise ValueError("driver='flower' runs the synchronous schedule only")
+        if start_round == 0 and _sequential_start(settings, len(client_ids)):
+            raise ValueError(
+                "driver='flower' has no opening sequential sweep (it would pass the clients "
+                f"one by one); with {len(client_ids)} clients pass sequential_start=False"
+            )
     tol = DEFAULT_TOL[settings.tilted] if settings.tol is None else settings.tol
     history = {
         "round": [],
@@ -1508,8 +1528,9 @@ def run_ep(
             if on_round is not None:
                 on_round(rec, server_state, client_states)
 
-        result = simulate(
-            algorithm,
+        result = drive(
+            driver,
+            (lambda: algorithm) if make_algorithm is None else make_algorithm,
             key,
             client_data,
             client_ids=client_ids,
@@ -1596,6 +1617,7 @@ def fit_ep(
     state=None,
     start_round: int = 0,
     on_round: Callable | None = None,
+    driver: str = "simulate",
     **options,
 ) -> Fit:
     """Federated EP: ``hf.fit(model, data, method="ep", **options)``.
@@ -1613,7 +1635,11 @@ def fit_ep(
     state, start_round : optional
         Resume from ``fit.diagnostics["state"]`` of an earlier fit (a checkpoint).
     on_round : callable, optional
-        ``on_round(record, server_state, client_states)`` after every round.
+        ``on_round(record, server_state, client_states)`` after every round
+        (``client_states`` is ``None`` under Flower: they are on the nodes).
+    driver : {"simulate", "flower"}
+        In process, or on Flower's simulation engine with one SuperNode per client
+        (:mod:`hierfl.flower`; synchronous schedule, without the opening sequential sweep).
     **options
         Fields of :class:`EPSettings`.
 
@@ -1637,6 +1663,10 @@ def fit_ep(
         options.setdefault("reparam", model.reparam_config())
         model = model.model
     settings = _options(options)
+    make_algorithm = None
+    if driver == "flower":
+        settings = settings._replace(size_groups=1)  # every client on its own node
+        make_algorithm = functools.partial(_prepared_algorithm, model, data, settings)
     sites, problem, client_data, algorithm = prepare(model, data, settings)
     key = jax.random.PRNGKey(seed)
     start = time.perf_counter()
@@ -1651,6 +1681,8 @@ def fit_ep(
         start_round=start_round,
         on_round=on_round,
         progress=progress,
+        driver=driver,
+        make_algorithm=make_algorithm,
     )
     personal = jax.tree_util.tree_map(np.asarray, run.personal)
     num_draws = settings.num_samples
