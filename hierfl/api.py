@@ -73,9 +73,9 @@ def fit(
     **options
         Engine options: ``num_warmup``, ``num_samples``, ``num_chains`` (defaults 1000, 1000,
         4), ``target_accept``; for ``exact`` also ``server`` (``"auto"``, ``"nuts"`` or
-        ``"laplace"``) and ``importance_draws``; for ``exact`` and ``svi`` also ``driver``:
-        ``"simulate"`` (default, in process) or ``"flower"`` (Flower's simulation engine, one
-        SuperNode per client; the ``flower`` extra; see :mod:`hierfl.flower`).
+        ``"laplace"``) and ``importance_draws``; for ``exact``, ``ep`` and ``svi`` also
+        ``driver``: ``"simulate"`` (default, in process) or ``"flower"`` (Flower's simulation
+        engine, one SuperNode per client; the ``flower`` extra; see :mod:`hierfl.flower`).
 
     Returns
     -------
