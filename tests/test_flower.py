@@ -169,6 +169,7 @@ def test_flower_reproduces_the_simulator_with_partial_participation_and_a_bad_cl
     assert int(result.client_states["updates"][4]) == 0
 
 
+@pytest.mark.slow  # hf.fit(driver="flower") below covers the same path in the main suite
 def test_flower_exact_engine_gives_the_simulators_posterior(
     eight_schools_data, eight_schools_family
 ):
