@@ -54,7 +54,9 @@ from .protocol import (
     RoundRecord,
     SimulationResult,
     SkipRecord,
+    asked_clients,
     message_schema,
+    round_keys,
     validate_messages,
 )
 
@@ -512,11 +514,8 @@ def run_server(
 
         bar = tqdm(total=num_rounds, desc=progress if isinstance(progress, str) else "rounds")
     for round_index in range(start_round, num_rounds):
-        round_key = jax.random.fold_in(run_key, round_index)
-        pick_key, _, client_key, server_key = jax.random.split(round_key, 4)
-        asked = np.array(jax.random.uniform(pick_key, (num_clients,)) < participation)
-        if participation >= 1.0:
-            asked[:] = True
+        pick_key, _, client_key, server_key = round_keys(run_key, round_index)
+        asked = asked_clients(pick_key, num_clients, participation)
         skips += [
             SkipRecord(round_index, client_ids[i], absent) for i in np.flatnonzero(asked & ~present)
         ]

@@ -49,9 +49,11 @@ __all__ = [
     "SimulationResult",
     "SkipRecord",
     "algorithm_schema",
+    "asked_clients",
     "finalize_clients",
     "map_clients",
     "message_schema",
+    "round_keys",
     "simulate",
     "validate_messages",
 ]
@@ -246,6 +248,21 @@ def _select(mask, new, old):
     return jax.tree_util.tree_map(choose, new, old)
 
 
+def round_keys(run_key, round_index: int):
+    """The keys of round ``round_index``: ``(pick, drop, client, server)``, from
+    ``fold_in(run_key, round_index)`` (so a resumed run continues identically). Every driver
+    uses this schedule, so that drivers agree."""
+    return tuple(jax.random.split(jax.random.fold_in(run_key, round_index), 4))
+
+
+def asked_clients(pick_key, num_clients: int, participation: float) -> np.ndarray:
+    """Which clients a round asks to work (bool ``[num_clients]``): each with probability
+    ``participation``; all of them when it is 1."""
+    if participation >= 1.0:
+        return np.ones(num_clients, dtype=bool)
+    return np.array(jax.random.uniform(pick_key, (num_clients,)) < participation)
+
+
 def simulate(
     algorithm: FederatedAlgorithm,
     key,
@@ -322,11 +339,8 @@ def simulate(
             desc=progress if isinstance(progress, str) else "rounds",
         )
     for round_index in range(start_round, num_rounds):
-        round_key = jax.random.fold_in(run_key, round_index)
-        pick_key, drop_key, client_key, server_key = jax.random.split(round_key, 4)
-        asked = np.array(jax.random.uniform(pick_key, (num_clients,)) < participation)
-        if participation >= 1.0:
-            asked[:] = True
+        pick_key, drop_key, client_key, server_key = round_keys(run_key, round_index)
+        asked = asked_clients(pick_key, num_clients, participation)
         dropped = asked & np.array(jax.random.uniform(drop_key, (num_clients,)) < dropout)
         working = asked & ~dropped
         for i in np.flatnonzero(dropped):

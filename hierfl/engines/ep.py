@@ -100,7 +100,7 @@ from numpyro.primitives import Messenger
 from ..data import ClientData, ModelData
 from ..drivers import drive
 from ..fit import Fit, ModelSites, StoredClientSamples, inspect_model
-from ..protocol import ClientGroups, SkipRecord, finalize_clients
+from ..protocol import ClientGroups, SkipRecord, asked_clients, finalize_clients
 from .globals_inference import unconstrained
 
 __all__ = [
@@ -1479,9 +1479,7 @@ def run_ep(
 
         round_key = jax.random.fold_in(run_key, round_index)
         pick_key, drop_key, sweep_key = jax.random.split(round_key, 3)
-        asked = np.array(jax.random.uniform(pick_key, (num_clients,)) < settings.participation)
-        if settings.participation >= 1.0:
-            asked[:] = True
+        asked = asked_clients(pick_key, num_clients, settings.participation)
         dropped = asked & np.array(jax.random.uniform(drop_key, (num_clients,)) < settings.dropout)
         working = asked & ~dropped
         for i in np.flatnonzero(dropped):
