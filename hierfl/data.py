@@ -138,6 +138,9 @@ def _check_flat(name: str, array: np.ndarray, ids, offsets) -> np.ndarray:
 
 #: :meth:`ClientData.size_groups` rounds sizes onto a grid of at most this many values
 MAX_GROUPING_SIZES = 512
+#: drivers group clients by size (:meth:`ClientData.size_groups`) only when that cuts the
+#: padded rows at least this many times (each group is one more compiled program)
+MIN_GROUPING_GAIN = 2.0
 
 
 class ClientData:
@@ -373,6 +376,28 @@ class ClientData:
                     f"{context} needs field {name!r}; the data have {list(self._fields)}"
                 )
 
+    def require_rows(self, name: str, valid, what: str, *, context: str = "this model") -> None:
+        """Raise :class:`DataError` naming the first client, field and row where ``valid``
+        (one boolean per row, e.g. ``data.fields["y"] >= 0``) is false.
+
+        >>> data = ClientData.from_dict({"a": {"y": [1, 2]}, "b": {"y": [3, -1]}})
+        >>> data.require_rows("y", data.fields["y"] >= 0, "must be >= 0")
+        Traceback (most recent call last):
+        ...
+        hierfl.data.DataError: this model: client 'b', field 'y', row 1: must be >= 0 (got -1)
+        """
+        valid = np.asarray(valid, dtype=bool).reshape(self.num_obs, -1).all(axis=1)
+        if valid.all():
+            return
+        row = int(np.flatnonzero(~valid)[0])
+        position = int(self.client_index[row])
+        value = self._fields[name][row]
+        value = value.item() if np.ndim(value) == 0 else value
+        raise DataError(
+            f"{context}: client {self._ids[position]!r}, field {name!r}, row "
+            f"{row - int(self._offsets[position])}: {what} (got {value!r})"
+        )
+
     def subset(self, client_ids: Iterable[Hashable]) -> ClientData:
         """A new :class:`ClientData` holding only ``client_ids`` (in the order given)."""
         ids = list(client_ids)
@@ -417,17 +442,30 @@ class ClientData:
             out[name] = value
         return out, mask
 
-    def size_groups(self, max_groups: int) -> list[np.ndarray]:
+    def size_groups(self, max_groups: int, *, min_gain: float = 1.0) -> list[np.ndarray]:
         """Split the clients into at most ``max_groups`` groups of similar size, choosing the
         group boundaries (in order of size) that minimize the total padded rows
         ``sum(len(group) * max size in group)`` (dynamic programming over the distinct
         sizes). Returns each group's client positions; empty groups are dropped.
 
+        Grouping costs one compiled program per group, so with ``min_gain`` the clients stay
+        in one group unless the groups cut the padded rows at least that many times (see
+        :data:`MIN_GROUPING_GAIN`).
+
         >>> data = ClientData.from_dict({c: {"y": np.zeros(n)} for c, n in
         ...                              zip("abcd", [2, 30, 3, 31])})
         >>> [g.tolist() for g in data.size_groups(2)]
         [[0, 2], [1, 3]]
+        >>> [g.tolist() for g in data.size_groups(2, min_gain=MIN_GROUPING_GAIN)]
+        [[0, 1, 2, 3]]
         """
+        groups = self._size_groups(max_groups)
+        padded_rows = sum(len(g) * int(self._sizes[g].max()) for g in groups)
+        if padded_rows * min_gain > self.num_clients * int(self._sizes.max()):
+            return [np.arange(self.num_clients)]
+        return groups
+
+    def _size_groups(self, max_groups: int) -> list[np.ndarray]:
         sizes = self._sizes
         values, counts = np.unique(sizes, return_counts=True)
         if len(values) > MAX_GROUPING_SIZES:  # round up onto a geometric grid first

@@ -195,6 +195,13 @@ class NormalNormal(ConjugateFamily):
         self.required = (observed, scale)
         super().__init__(priors)
 
+    def check_data(self, data) -> None:
+        """Standard errors must be positive."""
+        super().check_data(data)
+        data.require_rows(
+            self.scale, data.fields[self.scale] > 0, "must be > 0", context=type(self).__name__
+        )
+
     def parameters(self):
         return (Parameter("mu", "real"), Parameter("tau", "positive"))
 
@@ -519,6 +526,20 @@ class BetaBinomial(ConjugateFamily):
         self.required = (observed, trials)
         super().__init__(priors)
 
+    def check_data(self, data) -> None:
+        """Successes and trials must be whole numbers with ``0 <= y <= trials``."""
+        super().check_data(data)
+        name = type(self).__name__
+        y, n = data.fields[self.observed], data.fields[self.trials]
+        for field, values in ((self.trials, n), (self.observed, y)):
+            data.require_rows(
+                field,
+                (values >= 0) & (values == np.round(values)),
+                "must be a whole number >= 0",
+                context=name,
+            )
+        data.require_rows(self.observed, y <= n, f"must be <= {self.trials!r}", context=name)
+
     def parameters(self):
         return (Parameter("mean", "unit"), Parameter("concentration", "positive"))
 
@@ -581,6 +602,21 @@ class GammaPoisson(ConjugateFamily):
         self.observed, self.exposure, self.client_site = observed, exposure, client_site
         self.required = (observed,) if exposure is None else (observed, exposure)
         super().__init__(priors)
+
+    def check_data(self, data) -> None:
+        """Counts must be whole numbers ``>= 0`` and exposures positive."""
+        super().check_data(data)
+        name, y = type(self).__name__, data.fields[self.observed]
+        data.require_rows(
+            self.observed,
+            (y >= 0) & (y == np.round(y)),
+            "must be a whole number >= 0",
+            context=name,
+        )
+        if self.exposure is not None:
+            data.require_rows(
+                self.exposure, data.fields[self.exposure] > 0, "must be > 0", context=name
+            )
 
     def parameters(self):
         return (Parameter("mean", "positive"), Parameter("shape", "positive"))

@@ -432,3 +432,48 @@ def test_prior_is_the_population_distribution(name):
         prior = family.prior(_fixed_phi(family))
     expected_mean = {"NormalNormal": 0.5, "BetaBinomial": 0.3, "GammaPoisson": 2.0}[name]
     np.testing.assert_allclose(prior.mean, expected_mean, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("family", "clients", "message"),
+    [
+        (
+            hf.BetaBinomial(),
+            {"a": {"y": [1, 2], "trials": [3, 3]}, "b": {"y": [4, 0], "trials": [3, 3]}},
+            "BetaBinomial: client 'b', field 'y', row 0: must be <= 'trials' (got 4)",
+        ),
+        (
+            hf.BetaBinomial(),
+            {"a": {"y": [1, 2.5], "trials": [3, 3]}},
+            "client 'a', field 'y', row 1: must be a whole number >= 0 (got 2.5)",
+        ),
+        (
+            hf.BetaBinomial(),
+            {"a": {"y": [0, 0], "trials": [3, -3]}},
+            "client 'a', field 'trials', row 1: must be a whole number >= 0",
+        ),
+        (
+            hf.GammaPoisson(),
+            {"a": {"y": [1, 2], "exposure": [1.0, 1.0]}, "b": {"y": [-1], "exposure": [2.0]}},
+            "GammaPoisson: client 'b', field 'y', row 0: must be a whole number >= 0",
+        ),
+        (
+            hf.GammaPoisson(),
+            {"a": {"y": [1, 2], "exposure": [1.0, 0.0]}},
+            "client 'a', field 'exposure', row 1: must be > 0 (got 0.0)",
+        ),
+        (
+            hf.NormalNormal(),
+            {"a": {"y": [1.0], "sigma": [1.0]}, "b": {"y": [1.0], "sigma": [0.0]}},
+            "NormalNormal: client 'b', field 'sigma', row 0: must be > 0 (got 0.0)",
+        ),
+    ],
+)
+@pytest.mark.parametrize("method", ["exact", "ep", "nuts"])
+def test_invalid_values_are_refused_naming_client_field_and_row(family, clients, message, method):
+    """Values outside a family's support are refused before anything runs (before, they
+    fitted silently, or the client was skipped with a non-finite message)."""
+    data = hf.ClientData.from_dict(clients)
+    with pytest.raises(hf.DataError) as error:
+        hf.fit(family, data, method=method)
+    assert message in str(error.value)
