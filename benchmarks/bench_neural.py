@@ -18,7 +18,6 @@ import platform
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from hierfl.neural import SVISettings, harness, svi_algorithm
@@ -34,18 +33,23 @@ COLD_START_SHARE = 0.1
 #: why the vmapped round does not beat the loop on this CPU (measured while writing it)
 SPEED_NOTES = (
     "Both columns run the same `client_update` (the E-step on the client's features, then "
-    "the body steps), so the FLOPs are the same. On a CPU both parts are compute-bound, not "
-    "dispatch-bound: every client trains its own copy of the body (MLP 784-128-64) and its "
-    "Adam state for the local steps (some 20 MFLOP per step), and the E-step runs "
-    "`elbo_steps x elbo_samples` (400 x 4) passes of the head over the client's features. "
-    "XLA:CPU's batched matmuls are no faster than per-client ones at these sizes (measured: "
-    "`[100, 32, 784] x [100, 784, 128]` within noise of 100 separate calls), so the vmapped "
-    "round runs at about the loop's speed. Measured per part at 100 clients (Dirichlet 0.5, "
-    "85 padded rows): features 0.032 s vmapped vs 0.034 s looped; an L-BFGS Laplace E-step "
-    "0.81 s vs 0.29 s (its line searches become loops that wait for the slowest client "
-    "under `vmap`; hence `laplace_steps=0` by default). A 5x speed-up needs per-client work "
-    "small enough for the loop to be dispatch-bound, or an accelerator; none was lent to "
-    "this task.",
+    "the body steps) on the same padded rows, so the arithmetic is the same, and on this CPU "
+    "neither part is dispatch-bound. Measured per part with `benchmarks/bench_vmap.py "
+    "--parts` (its section of this file): the E-step, 400 ELBO steps x 4 draws of the head over "
+    "the client's features, is some 85% of a round and compute-bound (100 clients: 1.78 s "
+    "vmapped vs 1.84 s looped); with one draw per step, less arithmetic per dispatched op, "
+    "vmap gains 1.4x on it (0.59 vs 0.81 s). The body steps are memory-bound under vmap: "
+    "every client trains its own copy of the body (MLP 784-128-64) and its Adam state, so 100 "
+    "copies stream through memory on every step while the loop keeps one in cache (0.44 s "
+    "vmapped vs 0.29 s looped); vmapping chunks of 5 clients (`client_batch=5`) brings them "
+    "level (0.32 s). At 1,000 clients (Synthetic) the whole-population vmap is slower than "
+    "the loop (E-step 26.6 vs 21.0 s) for the same reason. Tried and not adopted on this "
+    "CPU: drawing each row's logits instead of the head's weights (local "
+    "reparameterization; 1.2-3x slower per E-step here: its `[rows, 10]` draws and "
+    "softmaxes cost more than the matmuls they save), and an L-BFGS Laplace E-step (0.81 s "
+    "vs 0.29 s: its line searches become loops that wait for the slowest client under "
+    "`vmap`; hence `laplace_steps=0` by default). A 5x speed-up needs an accelerator; none "
+    "was lent to this task.",
 )
 
 
@@ -137,37 +141,16 @@ def run_partition(kind, num_clients, args, seed):
 
 
 def time_round(num_clients, args):
-    """Seconds of one vmapped round vs a per-client loop of the same ``client_update``."""
+    """Seconds of one vmapped round vs a per-client loop of the same ``client_update``
+    (:func:`hierfl.neural.harness.round_timings`; ``benchmarks/bench_vmap.py`` does the same
+    at up to 1,000 clients, per part and on any device)."""
     split = mnist_heads.federated("dirichlet_0.5", num_clients=num_clients, seed=args.seeds[0])
     model = mnist_heads.mlp_head()
-    stacked = stack_client_data(model, split.train)
     algorithm = svi_algorithm(model, settings=SVISettings(local_steps=args.local_steps))
-    server, clients = algorithm.init(jax.random.PRNGKey(0), stacked)
-    broadcast = algorithm.broadcast(server)
-    keys = jax.random.split(jax.random.PRNGKey(1), num_clients)
-    vmapped = jax.jit(jax.vmap(algorithm.client_update, in_axes=(0, None, 0, 0)))
-    single = jax.jit(algorithm.client_update)
-    rows = [
-        jax.tree_util.tree_map(lambda a, i=i: a[i], (clients, stacked)) for i in range(num_clients)
-    ]
-
-    def run_vmapped():
-        jax.block_until_ready(vmapped(keys, broadcast, clients, stacked))
-
-    def run_loop():
-        jax.block_until_ready([single(keys[i], broadcast, *rows[i]) for i in range(num_clients)])
-
-    run_vmapped()
-    run_loop()  # compile both first
-    timings = {}
-    for name, fn in (("vmapped", run_vmapped), ("loop", run_loop)):
-        best = np.inf
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        timings[name] = best
-    return timings
+    timings = harness.round_timings(
+        algorithm, stack_client_data(model, split.train), repeats=args.repeats
+    )
+    return {name: timings[name] for name in ("vmapped", "loop")}
 
 
 def fmt(x, digits=3):

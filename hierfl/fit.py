@@ -16,6 +16,7 @@ It wraps the result of the pure federated core and holds no state that changes r
 from __future__ import annotations
 
 import pickle
+import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,8 +467,13 @@ def load_object(path: str | Path, kind: type):
 
 
 def load_fit(path: str | Path) -> Fit:
-    """Load a fit saved with :meth:`Fit.save`."""
-    return load_object(path, Fit)
+    """Load a fit saved with :meth:`Fit.save`, or a neural one (``method="svi"``) saved with
+    :meth:`hierfl.neural.NeuralFit.save` (which needs the ``neural`` extra to load)."""
+    fit = load_object(path, object)
+    neural = sys.modules.get("hierfl.neural.fit")  # imported by unpickling a NeuralFit
+    if isinstance(fit, Fit) or (neural is not None and isinstance(fit, neural.NeuralFit)):
+        return fit
+    raise TypeError(f"{path} does not hold a hierfl fit")
 
 
 def _subset_batch(data: ClientData, indices) -> ModelData:

@@ -56,6 +56,7 @@ from .protocol import (
     SkipRecord,
     asked_clients,
     message_schema,
+    progress_postfix,
     round_keys,
     validate_messages,
 )
@@ -557,7 +558,9 @@ def run_server(
             on_round(record, server_state, None)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(received=f"{int(received.sum())}/{num_clients}")
+            bar.set_postfix(
+                progress_postfix(algorithm, server_info, int(received.sum()), num_clients)
+            )
         if converged is not None and converged(server_info):
             break
     if bar is not None:

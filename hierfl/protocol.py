@@ -25,6 +25,9 @@ the spirit of BlackJAX's ``(init, step)`` and FedJAX's ``federated_algorithm``:
     boolean scalar; a check with two parameters also gets this round's broadcast (e.g. the
     global approximation the message must keep positive definite). Finiteness and shapes
     are checked by the driver for every algorithm.
+``progress_info(server_info) -> {name: text}`` (optional)
+    What a driver's progress bar shows of a round next to the clients received (e.g. the
+    loss and the learned spread).
 
 Two drivers run these functions: :func:`simulate` (in-process, vectorized, with partial
 participation and dropout) and the Flower adapter (:mod:`hierfl.flower`: Flower's Message
@@ -50,12 +53,15 @@ __all__ = [
     "SkipRecord",
     "algorithm_schema",
     "asked_clients",
+    "count_clients",
     "finalize_clients",
     "map_clients",
     "message_schema",
+    "progress_postfix",
     "round_keys",
     "simulate",
     "validate_messages",
+    "vmap_clients",
 ]
 
 PyTree = Any
@@ -71,16 +77,61 @@ class FederatedAlgorithm(NamedTuple):
     client_finalize: Callable[..., PyTree]
     validate_message: Callable[[PyTree], Any] | None = None
     personal_in_info: bool = False
+    progress_info: Callable[[PyTree], dict] | None = None
+
+
+def progress_postfix(algorithm: FederatedAlgorithm, server_info, received: int, total: int):
+    """The progress bar's text for one round: clients received, and the algorithm's own
+    ``progress_info``."""
+    extra = {} if algorithm.progress_info is None else algorithm.progress_info(server_info)
+    return {"received": f"{received}/{total}", **extra}
+
+
+def vmap_clients(fn: Callable, client_batch: int | None = None) -> Callable:
+    """``fn(key, broadcast, client_state, client_data)``, written for one client, as one
+    jitted call over a leading client axis of keys, states and data (the broadcast is
+    shared).
+
+    By default all clients are one ``jax.vmap``. With ``client_batch``, ``jax.lax.map`` runs
+    chunks of that many clients one after another, each chunk vmapped: the same results,
+    with the memory of one chunk instead of all clients (every client holds its own copy of
+    whatever it trains, e.g. a body and its optimizer state).
+
+    >>> import jax.numpy as jnp
+    >>> f = lambda key, b, state, data: state + b * data
+    >>> args = (jnp.zeros(5), 2.0, jnp.arange(5.0), jnp.ones(5))
+    >>> bool((vmap_clients(f)(*args) == vmap_clients(f, client_batch=2)(*args)).all())
+    True
+    """
+    if client_batch is None:
+        return jax.jit(jax.vmap(fn, in_axes=(0, None, 0, 0)))
+    if int(client_batch) < 1:
+        raise ValueError(f"client_batch must be a positive integer, got {client_batch!r}")
+
+    def chunked(keys, broadcast, client_states, client_data):
+        return jax.lax.map(
+            lambda args: fn(args[0], broadcast, args[1], args[2]),
+            (keys, client_states, client_data),
+            batch_size=int(client_batch),
+        )
+
+    return jax.jit(chunked)
 
 
 def finalize_clients(
-    algorithm: FederatedAlgorithm, vmapped_update, keys, broadcast, client_states, client_data
+    algorithm: FederatedAlgorithm,
+    vmapped_update,
+    keys,
+    broadcast,
+    client_states,
+    client_data,
+    client_batch: int | None = None,
 ):
     """Every client's personal posterior against ``broadcast`` (see ``personal_in_info``)."""
     if algorithm.personal_in_info:
         return map_clients(vmapped_update, keys, broadcast, client_states, client_data)[2].personal
     return map_clients(
-        jax.jit(jax.vmap(algorithm.client_finalize, in_axes=(0, None, 0, 0))),
+        vmap_clients(algorithm.client_finalize, client_batch),
         keys,
         broadcast,
         client_states,
@@ -140,6 +191,13 @@ class ClientGroups(NamedTuple):
 
     indices: tuple
     data: tuple
+
+
+def count_clients(client_data) -> int:
+    """Number of clients in stacked client data or in :class:`ClientGroups`."""
+    if isinstance(client_data, ClientGroups):
+        return sum(len(index) for index in client_data.indices)
+    return int(jax.tree_util.tree_leaves(client_data)[0].shape[0])
 
 
 def map_clients(fn: Callable, keys, broadcast, client_states, client_data):
@@ -279,6 +337,7 @@ def simulate(
     on_round: Callable[[RoundRecord, PyTree, PyTree], None] | None = None,
     progress: bool | str = False,
     final_broadcast: Callable[[PyTree], PyTree] | None = None,
+    client_batch: int | None = None,
 ) -> SimulationResult:
     """Run a federated algorithm in process.
 
@@ -318,6 +377,10 @@ def simulate(
     final_broadcast : callable, optional
         ``final_broadcast(server_state) -> broadcast`` the personal posteriors are taken
         against (default ``algorithm.broadcast``; e.g. an averaged approximation).
+    client_batch : int, optional
+        Run the clients in chunks of this many, one chunk at a time (each chunk one
+        ``jax.vmap``; :func:`vmap_clients`): the same results with bounded memory, for many
+        clients that each train a copy of a large model. Default: all clients at once.
     """
     init_key, run_key, final_key = jax.random.split(key, 3)
     num_clients = len(client_ids)
@@ -325,7 +388,7 @@ def simulate(
         server_state, client_states = algorithm.init(init_key, client_data)
     else:
         server_state, client_states = state
-    vmapped_update = jax.jit(jax.vmap(algorithm.client_update, in_axes=(0, None, 0, 0)))
+    vmapped_update = vmap_clients(algorithm.client_update, client_batch)
     schema = None
     rounds: list[RoundRecord] = []
     skips: list[SkipRecord] = []
@@ -372,7 +435,7 @@ def simulate(
             on_round(record, server_state, client_states)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(received=f"{record.received}/{num_clients}")
+            bar.set_postfix(progress_postfix(algorithm, server_info, record.received, num_clients))
         if converged is not None and converged(server_info):
             break
     if bar is not None:
@@ -380,6 +443,6 @@ def simulate(
     broadcast = (algorithm.broadcast if final_broadcast is None else final_broadcast)(server_state)
     final_keys = jax.random.split(final_key, num_clients)
     personal = finalize_clients(
-        algorithm, vmapped_update, final_keys, broadcast, client_states, client_data
+        algorithm, vmapped_update, final_keys, broadcast, client_states, client_data, client_batch
     )
     return SimulationResult(server_state, client_states, personal, rounds, skips)

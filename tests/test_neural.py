@@ -1,5 +1,6 @@
 """Neural variants (``method="svi"``) and the baselines, at tiny sizes."""
 
+import pickle
 import sys
 
 import numpy as np
@@ -16,6 +17,7 @@ import hierfl as hf  # noqa: E402
 from hierfl.neural import (  # noqa: E402
     NeuralFit,
     SVISettings,
+    harness,  # noqa: E402
     load_neural_fit,
     mlp_head_model,
     mlp_norm_model,
@@ -27,12 +29,13 @@ from hierfl.neural.svi import (  # noqa: E402
     determined_share,
     fit_personal,
     ggn_diagonal,
+    group_client_data,
     hyperparameter_update,
     map_objective,
     personal_objective,
     stack_client_data,
 )
-from hierfl.protocol import simulate  # noqa: E402
+from hierfl.protocol import ClientGroups, simulate  # noqa: E402
 
 DIM, CLASSES = 4, 3
 
@@ -104,6 +107,63 @@ def test_vmapped_update_equals_per_client_loop():
             strict=True,
         ):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def _ragged_data(sizes=(6, 7, 8, 60, 64), seed=1):
+    rng = np.random.default_rng(seed)
+    centers = 3.0 * rng.normal(size=(CLASSES, DIM))
+    clients = {}
+    for k, n in enumerate(sizes):
+        y = rng.integers(0, CLASSES, n)
+        clients[f"c{k}"] = {"x": centers[y] + rng.normal(size=(n, DIM)), "y": y}
+    return hf.ClientData.from_dict(clients)
+
+
+def test_size_groups_give_the_same_fit_with_fewer_padded_rows():
+    """Clients of very different sizes run in groups padded to their own largest client
+    (the full-batch E-step costs what the padded rows cost); the fit is the same."""
+    model, data = _model(), _ragged_data()
+    grouped = group_client_data(model, data, max_groups=3)
+    assert isinstance(grouped, ClientGroups)
+    padded = sum(int(g["y"].size) for g in grouped.data)
+    assert padded * 2 <= data.num_clients * int(data.sizes.max())
+    assert isinstance(group_client_data(model, _data(), max_groups=3), dict)  # sizes alike
+    options = dict(num_rounds=3, local_steps=3, batch_size=8, elbo_steps=50)
+    fits = [
+        hf.fit(model, data, method="svi", seed=2, size_groups=groups, **options)
+        for groups in (3, 1)
+    ]
+    for a, b in zip(fits[0].personal_mean, fits[1].personal_mean, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fits[0].personal_sd, fits[1].personal_sd, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fits[0].tau, fits[1].tau, rtol=1e-4, atol=1e-5)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(fits[0].shared),
+        jax.tree_util.tree_leaves(fits[1].shared),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    timings = harness.round_timings(
+        svi_algorithm(model, settings=SVISettings(local_steps=2, elbo_steps=5)),
+        grouped,
+        repeats=1,
+    )
+    assert timings["vmapped"] > 0 and timings["loop"] > 0
+
+
+def test_client_batch_gives_the_same_fit():
+    """Chunks of clients vmapped one after another (bounded memory) give the same fit as
+    one vmap over all clients, also when the chunk size does not divide the clients."""
+    model, data = _model(), _data(num_clients=5)
+    options = dict(num_rounds=2, local_steps=3, batch_size=8, elbo_steps=30, seed=3)
+    whole = hf.fit(model, data, method="svi", **options)
+    for chunk in (2, 5):
+        chunked = hf.fit(model, data, method="svi", client_batch=chunk, **options)
+        np.testing.assert_allclose(chunked.personal_mean, whole.personal_mean, atol=1e-5)
+        np.testing.assert_allclose(chunked.personal_sd, whole.personal_sd, atol=1e-5)
+        np.testing.assert_allclose(chunked.tau, whole.tau, rtol=1e-5)
+    with pytest.raises(ValueError, match="client_batch"):
+        hf.fit(model, data, method="svi", client_batch=0, **options)
 
 
 def test_no_recompilation_on_second_round():
@@ -352,6 +412,10 @@ def test_predict_shapes_and_probabilities(small_fit, tmp_path):
     np.testing.assert_allclose(
         loaded.predict("c1", x=x)["probs"], small_fit.predict("c1", x=x)["probs"]
     )
+    np.testing.assert_allclose(hf.load_fit(path).tau, small_fit.tau)  # the general loader too
+    (tmp_path / "other.pkl").write_bytes(pickle.dumps({"not": "a fit"}))
+    with pytest.raises(TypeError, match="does not hold a hierfl fit"):
+        hf.load_fit(tmp_path / "other.pkl")
 
 
 def test_to_arviz_has_client_dim(small_fit):

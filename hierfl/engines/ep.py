@@ -97,10 +97,16 @@ from jax.flatten_util import ravel_pytree
 from numpyro.infer.util import constrain_fn, potential_energy
 from numpyro.primitives import Messenger
 
-from ..data import ClientData, ModelData
+from ..data import MIN_GROUPING_GAIN, ClientData, ModelData
 from ..drivers import drive
 from ..fit import Fit, ModelSites, StoredClientSamples, inspect_model
-from ..protocol import ClientGroups, SkipRecord, asked_clients, finalize_clients
+from ..protocol import (
+    ClientGroups,
+    SkipRecord,
+    asked_clients,
+    finalize_clients,
+    vmap_clients,
+)
 from .globals_inference import unconstrained
 
 __all__ = [
@@ -157,8 +163,6 @@ RUNAWAY_DISTANCE = 5.0
 REGRESSION_RIDGE = 1e-3
 #: the synchronous schedule opens with a sequential sweep from this many clients on
 SEQUENTIAL_START_FROM = 50
-#: group clients by size only when it cuts the padded rows at least this many times
-MIN_GROUPING_GAIN = 2.0
 #: rounds in a row below ``tol`` that count as converged
 PATIENCE = 2
 #: default convergence tolerance (max change of a global mean in sds, and of log sd)
@@ -209,7 +213,7 @@ class EPSettings(NamedTuple):
     size_groups : int
         Synchronous schedule: clients are split into at most this many groups of similar
         size, each padded to its own largest client (one compiled program per group), when
-        that cuts the padded rows by at least :data:`MIN_GROUPING_GAIN`.
+        that cuts the padded rows by at least :data:`hierfl.data.MIN_GROUPING_GAIN`.
     sequential_start : bool or None
         Synchronous schedule: open with one sequential sweep (assumed density filtering), so
         that the parallel rounds start near the fixed point; default: with at least
@@ -1348,10 +1352,7 @@ def prepare(model, data: ClientData, settings: EPSettings):
 
     groups = [np.arange(data.num_clients)]
     if settings.schedule == "synchronous" and settings.size_groups > 1:
-        candidate = data.size_groups(settings.size_groups)
-        padded_rows = sum(len(g) * int(data.sizes[g].max()) for g in candidate)
-        if padded_rows * MIN_GROUPING_GAIN <= data.num_clients * int(data.sizes.max()):
-            groups = candidate
+        groups = data.size_groups(settings.size_groups, min_gain=MIN_GROUPING_GAIN)
     if len(groups) == 1:
         client_data = stacked()
     else:
@@ -1568,7 +1569,7 @@ def run_ep(
     final_keys = jax.random.split(final_key, num_clients)
     personal = finalize_clients(
         algorithm,
-        jax.jit(jax.vmap(algorithm.client_update, in_axes=(0, None, 0, 0))),
+        vmap_clients(algorithm.client_update),
         final_keys,
         bc,
         client_states,

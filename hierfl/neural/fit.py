@@ -21,6 +21,7 @@ from .model import NeuralModel, personal_names
 from .svi import (
     SVISettings,
     adapt_personal,
+    group_client_data,
     predictive_probs,
     stack_client_data,
     svi_algorithm,
@@ -268,7 +269,12 @@ def fit_svi(
             f"{list(SVISettings._fields)}"
         )
     settings = SVISettings(**options)
-    stacked = stack_client_data(model, data)
+    in_process = {}
+    if driver == "simulate":  # a Flower node holds one client: nothing to group or chunk
+        stacked = group_client_data(model, data, max_groups=settings.size_groups)
+        in_process = {"client_batch": settings.client_batch}
+    else:
+        stacked = stack_client_data(model, data)
     start = time.perf_counter()
     result = drive(
         driver,
@@ -280,6 +286,7 @@ def fit_svi(
         participation=settings.participation,
         dropout=settings.dropout,
         progress="svi: rounds" if progress else False,
+        **in_process,
     )
     mean, sd = result.personal
     state = result.server_state

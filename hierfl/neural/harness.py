@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data import ClientData
+from ..protocol import ClientGroups, count_clients, vmap_clients
 from . import baselines as bl
 from .fit import NeuralFit, fit_svi
 from .metrics import accuracy, summarize
@@ -30,6 +31,7 @@ __all__ = [
     "compare",
     "hierfl_probs",
     "point_model_probs",
+    "round_timings",
     "split_probs",
 ]
 
@@ -310,4 +312,111 @@ def cold_start(
         )
         out["fedavg_ft"][k] = _mean_accuracy(point_model_probs(model, tuned, sub_test), labels)
         out["clients"][k] = len(keep)
+    return out
+
+
+def _memory(compiled) -> dict:
+    """Bytes of a compiled call's arguments, outputs and temporaries (XLA's own accounting;
+    ``nan`` where the backend reports none)."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001  (not every backend implements it)
+        analysis = None
+    names = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
+    if analysis is None:
+        return {name: float("nan") for name in names}
+    return {name: float(getattr(analysis, name, float("nan"))) for name in names}
+
+
+def round_timings(
+    algorithm, client_data: dict, *, key=None, repeats: int = 3, client_batch: int | None = None
+) -> dict:
+    """Seconds of one round's client updates: all clients as one ``jax.vmap``-ed, ``jit``-ed
+    call (as :func:`hierfl.protocol.simulate` runs them) vs a Python loop over the clients
+    of the same ``jit``-ed ``client_update``, one call per client.
+
+    Both run the same function on the same (padded) rows, so they do the same arithmetic;
+    the difference is what batching the clients buys on the device at hand. With
+    :class:`~hierfl.protocol.ClientGroups` the vmapped round is one call per group and each
+    looped client runs on its group's rows. Each is compiled first, run once to warm up and
+    then timed ``repeats`` times (the best is kept).
+
+    Parameters
+    ----------
+    algorithm : hierfl.FederatedAlgorithm
+    client_data : dict or ClientGroups
+        Stacked client data (:func:`~hierfl.neural.svi.stack_client_data`), or groups of
+        clients of similar size (:func:`~hierfl.neural.svi.group_client_data`).
+    client_batch : int, optional
+        Vmap chunks of this many clients one after another (:func:`hierfl.protocol.vmap_clients`)
+        instead of all clients at once.
+
+    Returns
+    -------
+    dict
+        ``vmapped`` and ``loop`` (seconds), ``speedup`` (loop / vmapped), and XLA's memory
+        accounting of the vmapped call and of one looped call (``vmapped_bytes``,
+        ``loop_call_bytes``: arguments + outputs + temporaries; the largest group's).
+
+    Examples
+    --------
+    >>> import numpy as np, hierfl as hf
+    >>> from hierfl.neural import SVISettings, mlp_head_model, svi_algorithm
+    >>> from hierfl.neural.svi import stack_client_data
+    >>> rng = np.random.default_rng(0)
+    >>> data = hf.ClientData.from_dict({c: {"x": rng.normal(size=(8, 4)),
+    ...                                     "y": rng.integers(0, 3, 8)} for c in "abc"})
+    >>> model = mlp_head_model(input_dim=4, num_classes=3, hidden=(8,))
+    >>> algorithm = svi_algorithm(model, settings=SVISettings(local_steps=2, elbo_steps=5))
+    >>> t = round_timings(algorithm, stack_client_data(model, data), repeats=1)
+    >>> sorted(t)[:3]
+    ['loop', 'loop_call_bytes', 'speedup']
+    """
+    key = jax.random.PRNGKey(0) if key is None else key
+    init_key, round_key = jax.random.split(key)
+    server, clients = algorithm.init(init_key, client_data)
+    broadcast = algorithm.broadcast(server)
+    num_clients = count_clients(client_data)
+    keys = jax.random.split(round_key, num_clients)
+    if isinstance(client_data, ClientGroups):
+        groups = list(zip(client_data.indices, client_data.data, strict=True))
+    else:
+        groups = [(np.arange(num_clients), client_data)]
+    vmapped = vmap_clients(algorithm.client_update, client_batch)
+    single = jax.jit(algorithm.client_update)
+    calls, loop_calls = [], []  # (compiled, arguments): one per group / one per client
+    for index, data in groups:
+        rows = jnp.asarray(index)
+        args = (
+            keys[rows],
+            broadcast,
+            jax.tree_util.tree_map(lambda a, r=rows: a[r], clients),
+            data,
+        )
+        calls.append((vmapped.lower(*args).compile(), args))
+        one = [
+            jax.tree_util.tree_map(lambda a, j=j: a[j], (args[0], args[2], args[3]))
+            for j in range(len(index))
+        ]
+        compiled = single.lower(one[0][0], broadcast, one[0][1], one[0][2]).compile()
+        loop_calls += [(compiled, (k, broadcast, state, row)) for k, state, row in one]
+
+    def run_vmapped():
+        jax.block_until_ready([compiled(*args) for compiled, args in calls])
+
+    def run_loop():
+        jax.block_until_ready([compiled(*args) for compiled, args in loop_calls])
+
+    out = {}
+    for name, run in (("vmapped", run_vmapped), ("loop", run_loop)):
+        run()  # warm up (allocations, caches)
+        best = np.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+        out[name] = best
+    out["speedup"] = out["loop"] / out["vmapped"]
+    out["vmapped_bytes"] = max(sum(_memory(compiled).values()) for compiled, _ in calls)
+    out["loop_call_bytes"] = max(sum(_memory(compiled).values()) for compiled, _ in loop_calls)
     return out
