@@ -166,6 +166,34 @@ def test_client_batch_gives_the_same_fit():
         hf.fit(model, data, method="svi", client_batch=0, **options)
 
 
+def test_resumed_fit_continues_identically():
+    model, data = _model(), _data()
+    options = dict(local_steps=2, batch_size=8, elbo_steps=20, seed=4)
+    straight = hf.fit(model, data, method="svi", num_rounds=4, **options)
+    seen = []
+    first = hf.fit(
+        model,
+        data,
+        method="svi",
+        num_rounds=2,
+        on_round=lambda r, *_: seen.append(r.round),
+        **options,
+    )
+    assert seen == [0, 1]
+    resumed = hf.fit(
+        model,
+        data,
+        method="svi",
+        num_rounds=4,
+        state=first.diagnostics["state"],
+        start_round=2,
+        **options,
+    )
+    assert len(resumed.diagnostics["rounds"]) == 2
+    np.testing.assert_allclose(resumed.personal_mean, straight.personal_mean, atol=1e-6)
+    np.testing.assert_allclose(resumed.tau, straight.tau, rtol=1e-6)
+
+
 def test_no_recompilation_on_second_round():
     model = _model()
     data = _data()

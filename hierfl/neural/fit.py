@@ -49,7 +49,9 @@ class NeuralFit:
         simulator runs them all in one process).
     settings : SVISettings
     diagnostics : dict
-        ``rounds`` (list of per-round server infos), ``skips``, ``wall_time``.
+        ``rounds`` (list of per-round server infos), ``skips``, ``simulate_time`` and
+        ``state`` (a checkpoint to resume from: ``hf.fit(..., state=fit.diagnostics["state"],
+        start_round=...)``).
     """
 
     model: NeuralModel
@@ -236,13 +238,20 @@ def fit_svi(
     seed: int = 0,
     progress: bool = False,
     driver: str = "simulate",
+    state=None,
+    start_round: int = 0,
+    on_round=None,
     **options,
 ) -> NeuralFit:
     """Run federated VI (see :mod:`hierfl.neural.svi`) with :func:`hierfl.protocol.simulate`
     (``driver="simulate"``) or in Flower's simulation engine (``driver="flower"``,
     :mod:`hierfl.flower`).
 
-    ``options`` are the fields of :class:`SVISettings`.
+    ``options`` are the fields of :class:`SVISettings`. ``state`` (``fit.diagnostics["state"]``
+    of an earlier fit: the server state and every client's ``q_i``) and ``start_round`` resume
+    a run, which then continues as the uninterrupted run would (rounds use
+    ``fold_in(key, round)``); ``on_round(record, server_state, client_states)`` is called
+    after every round (e.g. to checkpoint; ``client_states`` is ``None`` under Flower).
 
     Examples
     --------
@@ -286,6 +295,9 @@ def fit_svi(
         participation=settings.participation,
         dropout=settings.dropout,
         progress="svi: rounds" if progress else False,
+        state=state,
+        start_round=start_round,
+        on_round=on_round,
         **in_process,
     )
     mean, sd = result.personal
@@ -300,6 +312,13 @@ def fit_svi(
         np.asarray(mean),
         np.asarray(sd),
         settings,
-        {"rounds": rounds, "skips": result.skips, "simulate_time": time.perf_counter() - start},
+        {
+            "rounds": rounds,
+            "skips": result.skips,
+            "simulate_time": time.perf_counter() - start,
+            "state": jax.tree_util.tree_map(
+                np.asarray, (result.server_state, result.client_states)
+            ),
+        },
         seed,
     )
