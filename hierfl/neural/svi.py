@@ -24,7 +24,8 @@ so every client can work on its own term (partitioned VI; Ashman et al. 2022).
 
 1. the server broadcasts ``(w, mu, tau)``;
 2. every participating client (all of them as **one** ``jax.vmap``-ed, ``jax.jit``-compiled
-   update; :func:`hierfl.protocol.simulate`)
+   update; :func:`hierfl.protocol.simulate`; one per group when client sizes differ widely,
+   ``size_groups``, and chunk after chunk with ``client_batch``)
 
    a. computes its features ``h_in = g(x_in; w)`` once (the part of the network before the
       first personal parameter; :meth:`~hierfl.neural.NeuralModel.features`) and runs the
