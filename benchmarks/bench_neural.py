@@ -34,22 +34,20 @@ COLD_START_SHARE = 0.1
 SPEED_NOTES = (
     "Both columns run the same `client_update` (the E-step on the client's features, then "
     "the body steps) on the same padded rows, so the arithmetic is the same, and on this CPU "
-    "neither part is dispatch-bound. Measured per part with `benchmarks/bench_vmap.py "
-    "--parts` (its section of this file): the E-step, 400 ELBO steps x 4 draws of the head over "
-    "the client's features, is some 85% of a round and compute-bound (100 clients: 1.78 s "
-    "vmapped vs 1.84 s looped); with one draw per step, less arithmetic per dispatched op, "
-    "vmap gains 1.4x on it (0.59 vs 0.81 s). The body steps are memory-bound under vmap: "
-    "every client trains its own copy of the body (MLP 784-128-64) and its Adam state, so 100 "
-    "copies stream through memory on every step while the loop keeps one in cache (0.44 s "
-    "vmapped vs 0.29 s looped); vmapping chunks of 5 clients (`client_batch=5`) brings them "
-    "level (0.32 s). At 1,000 clients (Synthetic) the whole-population vmap is slower than "
-    "the loop (E-step 26.6 vs 21.0 s) for the same reason. Tried and not adopted on this "
-    "CPU: drawing each row's logits instead of the head's weights (local "
-    "reparameterization; 1.2-3x slower per E-step here: its `[rows, 10]` draws and "
-    "softmaxes cost more than the matmuls they save), and an L-BFGS Laplace E-step (0.81 s "
-    "vs 0.29 s: its line searches become loops that wait for the slowest client under "
-    "`vmap`; hence `laplace_steps=0` by default). A 5x speed-up needs an accelerator; none "
-    "was lent to this task.",
+    "neither part is dispatch-bound. Per part (`benchmarks/bench_vmap.py --parts`, its "
+    "section of this file, 100 clients): the E-step, 400 ELBO steps x 4 draws of the head "
+    "over the client's features, is some 85% of a round and compute-bound (1.85 s vmapped vs "
+    "1.95 s looped). The body steps are memory-bound under one vmap: every client trains its "
+    "own copy of the body (MLP 784-128-64) and its Adam state, so 100 copies stream through "
+    "memory on every step while the loop keeps one in cache (0.46 s vmapped vs 0.29 s "
+    "looped); vmapping chunks of 10 clients (`client_batch=10`) brings them level (0.30 s). "
+    "At 1,000 clients (Synthetic) one vmap over all of them is slower than the loop (round "
+    "27.2 vs 20.9 s), chunks of 10 faster (19.4 s). Tried and not adopted on this CPU: "
+    "drawing each row's logits instead of the head's weights (local reparameterization; "
+    "1.2-3x slower per E-step here: its `[rows, 10]` draws and softmaxes cost more than the "
+    "matmuls they save), and an L-BFGS Laplace E-step (0.81 s vs 0.29 s: its line searches "
+    "become loops that wait for the slowest client under `vmap`; hence `laplace_steps=0` by "
+    "default). A 5x speed-up needs an accelerator; none was lent to this task.",
 )
 
 

@@ -226,12 +226,16 @@ class SVISettings(NamedTuple):
         given the ``q_i`` (variational EM). Both have the same fixed points.
     size_groups : int
         In-process runs put clients of very different sizes into at most this many groups of
-        similar size, each padded to its own largest client (:func:`group_client_data`); the
-        fit is the same, the padded rows of the full-batch E-step fewer. 1: one group.
+        similar size, each padded to its own largest client (:func:`group_client_data`): the
+        same computation on the real rows with fewer padded rows in the full-batch E-step.
+        Results agree up to float rounding, which ten rounds of training can grow as a change
+        of seed would (MNIST Dirichlet 0.1, 20 clients: 0.959 vs 0.957 mean accuracy over
+        three seeds). 1: one group.
     client_batch : int, optional
         In-process runs vmap chunks of this many clients one after another instead of all
-        clients at once (:func:`hierfl.protocol.vmap_clients`): the same fit, with the memory
-        of one chunk (each client trains its own copy of the body and its Adam state).
+        clients at once (:func:`hierfl.protocol.vmap_clients`): the same computation (equal
+        up to float rounding) with the memory of one chunk (each client trains its own copy
+        of the body and its Adam state).
     tau_damping : float
         Share of the server's update applied to ``log tau`` per round (1: undamped).
     predictive_samples : int
@@ -795,7 +799,8 @@ def group_client_data(model: NeuralModel, data, *, max_groups: int, dtype=jnp.fl
 
     The E-step is full-batch over a client's (padded) rows, so its cost follows the padded
     rows: on MNIST split Dirichlet(0.5) among 100 clients, the largest client has 85 rows and
-    the mean 32. The arithmetic on real rows, and so the fit, is the same either way.
+    the mean 32. The arithmetic on real rows is the same either way (the fit equal up to float
+    rounding).
     """
     groups = [np.arange(data.num_clients)]
     if max_groups > 1:
