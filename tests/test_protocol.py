@@ -130,6 +130,7 @@ def test_algorithm_is_a_namedtuple_of_pure_functions():
         "client_finalize",
         "validate_message",
         "personal_in_info",
+        "progress_info",
     )
     for name in ("SkipRecord", "RoundRecord", "SimulationResult"):
         assert issubclass(globals()[name], tuple) and hasattr(globals()[name], "_fields")
