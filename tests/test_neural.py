@@ -123,15 +123,15 @@ def test_size_groups_give_the_same_fit_with_fewer_padded_rows():
     """Clients of very different sizes run in groups padded to their own largest client
     (the full-batch E-step costs what the padded rows cost); the fit is the same."""
     model, data = _model(), _ragged_data()
-    grouped = group_client_data(model, data, max_groups=3)
+    grouped = group_client_data(model, data, max_groups=2)
     assert isinstance(grouped, ClientGroups)
     padded = sum(int(g["y"].size) for g in grouped.data)
     assert padded * 2 <= data.num_clients * int(data.sizes.max())
     assert isinstance(group_client_data(model, _data(), max_groups=3), dict)  # sizes alike
-    options = dict(num_rounds=3, local_steps=3, batch_size=8, elbo_steps=50)
+    options = dict(num_rounds=2, local_steps=2, batch_size=8, elbo_steps=30)
     fits = [
         hf.fit(model, data, method="svi", seed=2, size_groups=groups, **options)
-        for groups in (3, 1)
+        for groups in (2, 1)
     ]
     for a, b in zip(fits[0].personal_mean, fits[1].personal_mean, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -144,7 +144,7 @@ def test_size_groups_give_the_same_fit_with_fewer_padded_rows():
     ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     timings = harness.round_timings(
-        svi_algorithm(model, settings=SVISettings(local_steps=2, elbo_steps=5)),
+        svi_algorithm(model, settings=SVISettings(local_steps=1, elbo_steps=2)),
         grouped,
         repeats=1,
     )
@@ -155,13 +155,13 @@ def test_client_batch_gives_the_same_fit():
     """Chunks of clients vmapped one after another (bounded memory) give the same fit as
     one vmap over all clients, also when the chunk size does not divide the clients."""
     model, data = _model(), _data(num_clients=5)
-    options = dict(num_rounds=2, local_steps=3, batch_size=8, elbo_steps=30, seed=3)
+    options = dict(num_rounds=2, local_steps=2, batch_size=8, elbo_steps=20, seed=3)
     whole = hf.fit(model, data, method="svi", **options)
-    for chunk in (2, 5):
+    for chunk in (2,):  # does not divide the 5 clients
         chunked = hf.fit(model, data, method="svi", client_batch=chunk, **options)
         np.testing.assert_allclose(chunked.personal_mean, whole.personal_mean, atol=1e-5)
         np.testing.assert_allclose(chunked.personal_sd, whole.personal_sd, atol=1e-5)
-        np.testing.assert_allclose(chunked.tau, whole.tau, rtol=1e-5)
+        np.testing.assert_allclose(chunked.tau, whole.tau, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="client_batch"):
         hf.fit(model, data, method="svi", client_batch=0, **options)
 
