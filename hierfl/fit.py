@@ -473,7 +473,7 @@ def load_fit(path: str | Path) -> Fit:
     neural = sys.modules.get("hierfl.neural.fit")  # imported by unpickling a NeuralFit
     if isinstance(fit, Fit) or (neural is not None and isinstance(fit, neural.NeuralFit)):
         return fit
-    raise TypeError(f"{path} does not hold a hierfl fit")
+    raise TypeError(f"{path} does not hold a hierfl Fit or NeuralFit")
 
 
 def _subset_batch(data: ClientData, indices) -> ModelData:

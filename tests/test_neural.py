@@ -442,7 +442,7 @@ def test_predict_shapes_and_probabilities(small_fit, tmp_path):
     )
     np.testing.assert_allclose(hf.load_fit(path).tau, small_fit.tau)  # the general loader too
     (tmp_path / "other.pkl").write_bytes(pickle.dumps({"not": "a fit"}))
-    with pytest.raises(TypeError, match="does not hold a hierfl fit"):
+    with pytest.raises(TypeError, match="does not hold a hierfl Fit or NeuralFit"):
         hf.load_fit(tmp_path / "other.pkl")
 
 
