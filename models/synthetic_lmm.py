@@ -19,7 +19,7 @@ import numpyro.distributions as dist
 
 import hierfl as hf
 
-__all__ = ["TRUTH", "Truth", "family", "generate"]
+__all__ = ["NO_POOLING_TAU", "TRUTH", "Truth", "family", "generate", "spectrum"]
 
 
 class Truth(NamedTuple):
@@ -31,6 +31,9 @@ class Truth(NamedTuple):
 
 
 TRUTH = Truth(beta=(1.0, -0.5), sigma=1.0, tau=0.5)
+#: ``tau`` fixed this wide (against outcomes of sd about 1) lets every client keep its own
+#: intercept: no pooling
+NO_POOLING_TAU = 100.0
 
 
 def generate(
@@ -61,3 +64,17 @@ def family(priors=None) -> hf.LinearMixed:
         "tau": dist.HalfNormal(2.0),
     }
     return hf.LinearMixed(response="y", fixed=["x"], priors=dict(base, **(priors or {})))
+
+
+def spectrum() -> dict[str, hf.LinearMixed]:
+    """No, complete and partial pooling of the client intercepts (``tau`` fixed wide, fixed
+    at zero, or learned).
+
+    >>> sorted(spectrum())
+    ['complete pooling', 'no pooling', 'partial pooling']
+    """
+    return {
+        "no pooling": family({"tau": NO_POOLING_TAU}),
+        "complete pooling": family({"tau": 0.0}),
+        "partial pooling": family(),
+    }
