@@ -37,6 +37,7 @@ API, in its simulation engine or on a SuperLink with real SuperNodes).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -97,25 +98,48 @@ def vmap_clients(fn: Callable, client_batch: int | None = None) -> Callable:
     with the memory of one chunk instead of all clients (every client holds its own copy of
     whatever it trains, e.g. a body and its optimizer state).
 
+    The jitted call is kept for the same ``fn`` and ``client_batch`` (the last
+    ``VMAP_CACHE_SIZE`` of them), so a second run of the same algorithm, e.g. a second
+    ``hf.fit`` with the same model and settings, does not compile it again.
+
     >>> import jax.numpy as jnp
     >>> f = lambda key, b, state, data: state + b * data
     >>> args = (jnp.zeros(5), 2.0, jnp.arange(5.0), jnp.ones(5))
     >>> bool((vmap_clients(f)(*args) == vmap_clients(f, client_batch=2)(*args)).all())
     True
+    >>> vmap_clients(f) is vmap_clients(f)
+    True
     """
+    if client_batch is not None and (
+        not isinstance(client_batch, int | np.integer) or int(client_batch) < 1
+    ):
+        raise ValueError(f"client_batch must be a positive integer, got {client_batch!r}")
+    chunk = None if client_batch is None else int(client_batch)
+    try:
+        return _cached_vmap_clients(fn, chunk)
+    except TypeError:  # an unhashable callable: build it afresh
+        return _vmap_clients(fn, chunk)
+
+
+#: jitted client maps kept by :func:`vmap_clients` (each holds its compiled executables)
+VMAP_CACHE_SIZE = 16
+
+
+def _vmap_clients(fn: Callable, client_batch: int | None) -> Callable:
     if client_batch is None:
         return jax.jit(jax.vmap(fn, in_axes=(0, None, 0, 0)))
-    if int(client_batch) < 1:
-        raise ValueError(f"client_batch must be a positive integer, got {client_batch!r}")
 
     def chunked(keys, broadcast, client_states, client_data):
         return jax.lax.map(
             lambda args: fn(args[0], broadcast, args[1], args[2]),
             (keys, client_states, client_data),
-            batch_size=int(client_batch),
+            batch_size=client_batch,
         )
 
     return jax.jit(chunked)
+
+
+_cached_vmap_clients = functools.lru_cache(maxsize=VMAP_CACHE_SIZE)(_vmap_clients)
 
 
 def finalize_clients(

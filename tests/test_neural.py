@@ -35,7 +35,7 @@ from hierfl.neural.svi import (  # noqa: E402
     personal_objective,
     stack_client_data,
 )
-from hierfl.protocol import ClientGroups, simulate  # noqa: E402
+from hierfl.protocol import ClientGroups, simulate, vmap_clients  # noqa: E402
 
 DIM, CLASSES = 4, 3
 
@@ -219,6 +219,25 @@ def test_no_recompilation_on_second_round():
     # the simulator traces once to compile the vmapped update (and may trace once more for
     # the message schema); later rounds must reuse the compiled update
     assert traces_for(3) == traces_for(1) <= 2
+
+
+def test_second_fit_reuses_the_compiled_round():
+    """A second ``hf.fit`` with an equal model and the same algorithm settings (other driver
+    settings may differ) reuses the first fit's functions and compiled round, and gives the
+    same result."""
+    options = dict(local_steps=2, batch_size=8, elbo_steps=20, seed=5)
+    settings = SVISettings(**{k: v for k, v in options.items() if k != "seed"})
+    algorithm = svi_algorithm(_model(), settings=settings)
+    assert svi_algorithm(_model(), settings=settings._replace(num_rounds=2)) is algorithm
+    assert svi_algorithm(_model(), settings=settings._replace(learning_rate=0.1)) is not algorithm
+    data = _data()
+    first = hf.fit(_model(), data, method="svi", num_rounds=2, size_groups=1, **options)
+    round_fn = vmap_clients(algorithm.client_update)
+    compiled = round_fn._cache_size()
+    second = hf.fit(_model(), data, method="svi", num_rounds=2, size_groups=1, **options)
+    assert compiled >= 1 and round_fn._cache_size() == compiled
+    np.testing.assert_array_equal(second.personal_mean, first.personal_mean)
+    np.testing.assert_array_equal(second.tau, first.tau)
 
 
 def _closed_form_em(m, s, a, b):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,11 @@ class NeuralModel:
 
     def init(self, key) -> tuple[PyTree, PyTree]:
         """Initial ``(shared, personal)`` parameter pytrees."""
-        variables = self.module.init({"params": key}, jnp.zeros((1, *self.input_shape)))
+        try:  # one compiled call instead of one eager dispatch per initializer
+            init = _jitted_init(self.module, tuple(self.input_shape))
+        except TypeError:  # an unhashable module
+            init = jax.jit(_module_init(self.module, tuple(self.input_shape)))
+        variables = init(key)
         if PERSONAL not in variables:
             raise ValueError(
                 f"model {self.name!r} declares no personal parameters: use "
@@ -96,6 +101,15 @@ class NeuralModel:
     def unravel(self, personal_template: PyTree):
         """``(flat, unravel)`` for the personal pytree (see ``jax.flatten_util``)."""
         return ravel_pytree(personal_template)
+
+
+def _module_init(module: nn.Module, input_shape: tuple[int, ...]):
+    return lambda key: module.init({"params": key}, jnp.zeros((1, *input_shape)))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(module: nn.Module, input_shape: tuple[int, ...]):
+    return jax.jit(_module_init(module, input_shape))
 
 
 def personal_names(personal: PyTree) -> list[tuple[str, tuple[int, ...]]]:

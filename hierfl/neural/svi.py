@@ -142,6 +142,7 @@ Li, T. et al. (2021). Ditto: fair and robust federated learning through personal
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -598,6 +599,35 @@ def svi_algorithm(
         ``(mean, sd)``, each ``[P]``.
     """
     settings = SVISettings() if settings is None else settings
+    if key is None:
+        # the same model and settings give the same functions, so that the jitted round
+        # compiled for one fit serves the next (hierfl.protocol.vmap_clients keeps it)
+        try:
+            return _cached_svi_algorithm(model, _algorithm_settings(settings))
+        except TypeError:  # an unhashable model or setting
+            pass
+    return _svi_algorithm(model, settings, key)
+
+
+#: settings that the algorithm's functions do not read (the driver's); they are reset to
+#: their defaults in the key of the cache of :func:`svi_algorithm`
+DRIVER_SETTINGS = (
+    "num_rounds",
+    "size_groups",
+    "client_batch",
+    "predictive_samples",
+    "participation",
+    "dropout",
+    "adapt_steps",
+)
+
+
+def _algorithm_settings(settings: SVISettings) -> SVISettings:
+    defaults = SVISettings()
+    return settings._replace(**{name: getattr(defaults, name) for name in DRIVER_SETTINGS})
+
+
+def _svi_algorithm(model: NeuralModel, settings: SVISettings, key) -> FederatedAlgorithm:
     _, template = jax.eval_shape(model.init, jax.random.PRNGKey(0) if key is None else key)
     template = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), template)
     _, unravel = model.unravel(template)
@@ -731,10 +761,15 @@ def svi_algorithm(
         init,
         broadcast,
         client_update,
-        server_update,
+        jax.jit(server_update),  # one compiled call a round, not an eager dispatch per op
         client_finalize,
         progress_info=progress_info,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_svi_algorithm(model: NeuralModel, settings: SVISettings) -> FederatedAlgorithm:
+    return _svi_algorithm(model, settings, None)
 
 
 def predictive_probs(model: NeuralModel, unravel, shared, mean, sd, x, key, num_samples: int):
