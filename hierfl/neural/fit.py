@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._arviz import arviz
-from ..data import ClientData, DataError
+from ..data import MIN_GROUPING_GAIN, ClientData, DataError
 from ..drivers import drive
-from ..fit import as_key, load_object, save_object
+from ..fit import OBS_DIM, as_key, load_object, save_object
 from .model import NeuralModel, personal_names
 from .svi import (
     SVISettings,
+    _head_log_probs,
     adapt_personal,
     group_client_data,
     predictive_probs,
@@ -163,8 +164,117 @@ class NeuralFit:
         )
         return np.asarray(mean), np.asarray(sd)
 
+    # ------------------------------------------------------------------ log-likelihood
+    def _personal_draws(self, num_draws: int, key) -> np.ndarray:
+        """``num_draws`` draws of every client's flat ``theta_i ~ q_i``, ``[draw, client, P]``
+        (the same draws for the same ``key``, so :meth:`to_arviz`'s ``posterior`` and
+        ``log_likelihood`` groups share them)."""
+        noise = jax.random.normal(
+            self._key(key, 3), (num_draws, len(self.client_ids), self.mu.size)
+        )
+        return self.personal_mean[None] + self.personal_sd[None] * np.asarray(noise)
+
+    def _check_data(self, data: ClientData) -> np.ndarray:
+        """Check ``data`` against the fit and the model; return each of its clients' position
+        in :attr:`client_ids`."""
+        if not isinstance(data, ClientData):
+            raise TypeError(
+                f"data must be a hierfl.ClientData with fields {self.model.x_field!r} and "
+                f"{self.model.y_field!r}, got {type(data).__name__}"
+            )
+        context = f"model {self.model.name!r}"
+        data.require(self.model.x_field, self.model.y_field, context=context)
+        position = {client: i for i, client in enumerate(self.client_ids)}
+        for client in data.client_ids:
+            if client not in position:
+                raise DataError(
+                    f"client {client!r} is not in this fit, so it has no q_i to evaluate "
+                    f"field {self.model.y_field!r} under (the fit's clients: "
+                    f"{list(self.client_ids)[:10]}{'...' if len(position) > 10 else ''})"
+                )
+        x = data.fields[self.model.x_field]
+        if int(np.prod(x.shape[1:])) != int(np.prod(self.model.input_shape)):
+            raise DataError(
+                f"client {data.client_ids[0]!r}, field {self.model.x_field!r}: expected rows "
+                f"of shape {self.model.input_shape}, got rows of shape {x.shape[1:]}"
+            )
+        y = data.fields[self.model.y_field]
+        data.require_rows(
+            self.model.y_field,
+            (y == np.round(y)) & (y >= 0) & (y < self.model.num_classes),
+            f"labels must be integers in 0..{self.model.num_classes - 1}",
+            context=context,
+        )
+        return np.array([position[client] for client in data.client_ids])
+
+    def _log_likelihood(self, data: ClientData, draws: np.ndarray) -> np.ndarray:
+        """``[draw, obs]`` pointwise log-likelihood of ``data``'s rows (in its order) at
+        ``draws`` ``[draw, fit client, P]``."""
+        positions = self._check_data(data)
+        unravel, _ = self._unravel()
+        compute = _log_likelihood_jit(self.model, unravel)
+        offsets = np.concatenate([[0], np.cumsum(data.sizes)])
+        out = np.empty((draws.shape[0], data.num_obs), dtype=np.float32)
+        # clients of similar size share one padded, vectorized call, as in training
+        for group in data.size_groups(self.settings.size_groups, min_gain=MIN_GROUPING_GAIN):
+            fields, mask = data.padded(clients=group)
+            x = np.asarray(fields[self.model.x_field], dtype=np.float32)
+            x = x.reshape(*x.shape[:2], -1)
+            values = compute(
+                self.shared,
+                jnp.asarray(draws[:, positions[group]], dtype=jnp.float32),
+                jnp.asarray(x),
+                jnp.asarray(fields[self.model.y_field], dtype=jnp.int32),
+            )
+            rows = offsets[group][:, None] + np.arange(mask.shape[1])[None]
+            out[:, rows[mask]] = np.asarray(values)[:, mask]
+        return out
+
+    def log_likelihood(
+        self, data: ClientData, *, num_draws: int = 100, key=None
+    ) -> dict[str, np.ndarray]:
+        r"""Pointwise log-likelihood ``[chain, draw, obs]`` of the clients' rows.
+
+        .. math::
+            \log p(y_{ij} \mid x_{ij}, w, \theta_i^{(s)})
+            = \log \mathrm{softmax}\big(f(x_{ij}; w, \theta_i^{(s)})\big)_{y_{ij}},
+            \qquad \theta_i^{(s)} \sim q_i = N(m_i, \mathrm{diag}\, s_i^2),
+
+        for ``num_draws`` draws ``s`` (one chain; the draws of :meth:`to_arviz` with the same
+        ``key``), with the body ``w`` at its point estimate. Jitted and vectorized over clients
+        and rows; draws run one after another, so memory stays at one draw's activations.
+
+        Parameters
+        ----------
+        data : ClientData
+            Fields ``model.x_field`` and ``model.y_field`` of any clients of the fit (the fit
+            keeps no client data: in a federation it may stay on the clients). Rows appear in
+            ``data``'s order.
+        num_draws : int
+        key : PRNGKey or int, optional
+
+        Returns
+        -------
+        dict
+            ``{model.y_field: [1, num_draws, data.num_obs]}``, as :meth:`hierfl.Fit.log_likelihood`.
+
+        Examples
+        --------
+        >>> import numpy as np, hierfl as hf
+        >>> from hierfl.neural import mlp_head_model
+        >>> rng = np.random.default_rng(0)
+        >>> data = hf.ClientData.from_dict({c: {"x": rng.normal(size=(20, 4)),
+        ...                                     "y": rng.integers(0, 3, 20)} for c in "abc"})
+        >>> fit = hf.fit(mlp_head_model(input_dim=4, num_classes=3, hidden=(8,)), data,
+        ...              method="svi", num_rounds=2, local_steps=2)
+        >>> fit.log_likelihood(data, num_draws=10)["y"].shape
+        (1, 10, 60)
+        """
+        values = self._log_likelihood(data, self._personal_draws(num_draws, key))
+        return {self.model.y_field: values[None]}
+
     # ------------------------------------------------------------------ ArviZ
-    def to_arviz(self, *, num_draws: int = 100, key=None):
+    def to_arviz(self, *, data: ClientData | None = None, num_draws: int = 100, key=None):
         """Export to :class:`arviz.InferenceData`.
 
         ``posterior`` holds ``num_draws`` draws (one chain) of every personal site from each
@@ -173,14 +283,33 @@ class NeuralFit:
         ``tau_<site>``. ``mu`` and ``tau`` are point estimates (variational EM), so their
         draws are constant. The body is a point estimate kept on :attr:`shared` and is not
         exported.
+
+        With ``data`` (a :class:`~hierfl.ClientData` of clients of the fit; the fit keeps no
+        client data), ``log_likelihood`` and ``observed_data`` hold, as for
+        :meth:`hierfl.Fit.to_arviz`, one value per row of ``data`` on dim ``obs``, with the
+        non-dimension coordinate ``obs_client`` naming each row's client: the
+        :meth:`log_likelihood` at the same draws as ``posterior``, and the labels. Then
+        ``az.loo`` works (per row), and :meth:`loo` per client.
+
+        Examples
+        --------
+        >>> import numpy as np, hierfl as hf
+        >>> from hierfl.neural import mlp_head_model
+        >>> rng = np.random.default_rng(0)
+        >>> data = hf.ClientData.from_dict({c: {"x": rng.normal(size=(20, 4)),
+        ...                                     "y": rng.integers(0, 3, 20)} for c in "abc"})
+        >>> fit = hf.fit(mlp_head_model(input_dim=4, num_classes=3, hidden=(8,)), data,
+        ...              method="svi", num_rounds=2, local_steps=2)
+        >>> idata = fit.to_arviz(data=data, num_draws=10)
+        >>> idata.log_likelihood["y"].dims
+        ('chain', 'draw', 'obs')
+        >>> sorted(set(idata.log_likelihood["obs_client"].values.tolist()))
+        ['a', 'b', 'c']
         """
         az = arviz()
         unravel, template = self._unravel()
         names = personal_names(template)
-        key = self._key(key, 3)
-        num_clients = len(self.client_ids)
-        noise = np.asarray(jax.random.normal(key, (num_draws, num_clients, self.mu.size)))
-        draws = self.personal_mean[None] + self.personal_sd[None] * noise
+        draws = self._personal_draws(num_draws, key)
         posterior, dims = {}, {}
         coords = {CLIENT_DIM: list(self.client_ids)}
         tree_draws = jax.vmap(jax.vmap(unravel))(jnp.asarray(draws))
@@ -199,12 +328,87 @@ class NeuralFit:
                     np.asarray(value), (1, num_draws, *shape)
                 )
                 dims[f"{prefix}_{name}"] = axis_names
-        return az.from_dict(
-            posterior=posterior,
+        groups: dict[str, Any] = {"posterior": posterior}
+        if data is not None:
+            site = self.model.y_field
+            groups["log_likelihood"] = {site: self._log_likelihood(data, draws)[None]}
+            groups["observed_data"] = {site: np.asarray(data.fields[site]).astype(np.int64)}
+            dims[site] = [OBS_DIM]
+            coords[OBS_DIM] = np.arange(data.num_obs)
+        idata = az.from_dict(
+            **groups,
             dims=dims,
             coords=coords,
             attrs={"inference_library": "hierfl", "method": "svi", "model": self.model.name},
         )
+        if data is not None:
+            obs_client = np.asarray(data.client_ids)[data.client_index]
+            for group in ("observed_data", "log_likelihood"):
+                setattr(
+                    idata,
+                    group,
+                    getattr(idata, group).assign_coords(obs_client=(OBS_DIM, obs_client)),
+                )
+        return idata
+
+    def loo(
+        self,
+        *,
+        data: ClientData | None = None,
+        by: str = "client",
+        num_draws: int = 100,
+        key=None,
+    ):
+        """PSIS-LOO over the ``num_draws`` draws of :meth:`to_arviz`, as :meth:`hierfl.Fit.loo`.
+
+        ``by="client"``: leave one *client* out (the federated unit; the pointwise values are
+        each client's summed row log-likelihoods, on dim ``client``); ``by="obs"``: leave one
+        row out. The body ``w`` and ``mu, tau`` stay at their point estimates.
+
+        Parameters
+        ----------
+        data : ClientData
+            Required: the rows to score (any clients of the fit; see :meth:`log_likelihood`).
+
+        Examples
+        --------
+        >>> import warnings
+        >>> import numpy as np, hierfl as hf
+        >>> from hierfl.neural import mlp_head_model
+        >>> rng = np.random.default_rng(0)
+        >>> data = hf.ClientData.from_dict({c: {"x": rng.normal(size=(20, 4)),
+        ...                                     "y": rng.integers(0, 3, 20)} for c in "abc"})
+        >>> fit = hf.fit(mlp_head_model(input_dim=4, num_classes=3, hidden=(8,)), data,
+        ...              method="svi", num_rounds=2, local_steps=2)
+        >>> with warnings.catch_warnings():  # few draws: ArviZ may warn about Pareto k
+        ...     warnings.simplefilter("ignore", UserWarning)
+        ...     by_client = fit.loo(data=data, by="client")
+        >>> int(by_client.n_data_points), by_client.loo_i.client.values.tolist()
+        (3, ['a', 'b', 'c'])
+        """
+        if by not in ("client", "obs"):
+            raise ValueError("by must be 'client' or 'obs'")
+        if data is None:
+            raise TypeError(
+                "NeuralFit.loo needs data=: a NeuralFit keeps no client data (in a "
+                "federation it stays on the clients); pass the ClientData it was fitted on"
+            )
+        az = arviz()
+        idata = self.to_arviz(data=data, num_draws=num_draws, key=key)
+        if by == "obs":
+            return az.loo(idata)
+        # each client's rows are contiguous in data order (no client is empty)
+        offsets = np.concatenate([[0], np.cumsum(data.sizes)[:-1]])
+        rows = idata.log_likelihood[self.model.y_field].values.astype(np.float64)
+        per_client = az.InferenceData(
+            posterior=idata.posterior,
+            log_likelihood=az.dict_to_dataset(
+                {"client_log_likelihood": np.add.reduceat(rows, offsets, axis=-1)},
+                coords={CLIENT_DIM: list(data.client_ids)},
+                dims={"client_log_likelihood": [CLIENT_DIM]},
+            ),
+        )
+        return az.loo(per_client)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
@@ -229,6 +433,32 @@ def _predict_jit(model, unravel, num_samples):
             )
         )
     return _PREDICT_CACHE[cache_key]
+
+
+_LOG_LIKELIHOOD_CACHE: dict = {}
+
+
+def _log_likelihood_jit(model, unravel):
+    """Jitted ``(shared, theta [S, C, P], x [C, n, D], y [C, n]) -> [S, C, n]``: the log
+    probability of each label under each draw of its client's ``theta``. The features
+    ``h = g(x; w)`` are computed once; draws run under ``lax.map``, clients and rows in one
+    vectorized call per draw."""
+    cached = _LOG_LIKELIHOOD_CACHE.get(id(model))
+    if cached is not None and cached[0] is model:
+        return cached[1]
+
+    def log_likelihood(shared, theta, x, y):
+        h = jax.vmap(model.features, in_axes=(None, 0))(shared, x)
+
+        def one_client(theta_i, h_i, y_i):
+            log_probs = _head_log_probs(model, unravel, shared, theta_i, h_i)
+            return jnp.take_along_axis(log_probs, y_i[:, None], axis=-1)[:, 0]
+
+        return jax.lax.map(lambda theta_s: jax.vmap(one_client)(theta_s, h, y), theta)
+
+    compiled = jax.jit(log_likelihood)
+    _LOG_LIKELIHOOD_CACHE[id(model)] = (model, compiled)
+    return compiled
 
 
 def fit_svi(
