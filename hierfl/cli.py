@@ -9,11 +9,11 @@ it names.
 
 ``hierfl mnist`` (the ``neural`` extra) splits the 5,000 bundled digits among clients with
 one of the partitions of :mod:`models.mnist_heads`, fits ``method="svi"`` (a shared body with
-Bayesian personal heads, or personal normalization on the feature-shift split) next to
-local-only training, FedAvg and FedAvg + fine-tuning with the same budget, prints accuracy and
-calibration on every client's held-out rows, and writes a reliability diagram, per-client
-accuracies, the learned ``tau`` per round, a forest plot of a few clients' personal posteriors,
-a per-client CSV and the saved fit.
+Bayesian personal heads, personal normalization or personal low-rank adapters: ``--model``)
+next to local-only training, FedAvg and FedAvg + fine-tuning with the same budget, prints
+accuracy and calibration on every client's held-out rows, and writes a reliability diagram,
+per-client accuracies, the learned ``tau`` per round, a forest plot of a few clients' personal
+posteriors, a per-client CSV and the saved fit.
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "run_mnist", "run_radon"]
+__all__ = ["MNIST_MODELS", "main", "run_mnist", "run_radon"]
+
+#: ``hierfl mnist --model``: the personal parts, as functions of :mod:`models.mnist_heads`
+MNIST_MODELS = {
+    "head": "mlp_head",
+    "cnn": "cnn_head",
+    "norm": "mlp_norm",
+    "adapter": "mlp_adapter",
+}
 
 
 def _county_idata(fit, intercepts, ids):
@@ -179,11 +187,14 @@ def run_mnist(
     learning_rate: float = 3e-3,
     seed: int = 0,
     num_examples: int | None = None,
+    model: str = "auto",
     stream=None,
 ) -> dict:
     """The neural job: hierfl's ``method="svi"`` against local-only, FedAvg and FedAvg +
     fine-tuning on one MNIST partition (every method trains ``num_rounds`` x
-    ``local_steps`` Adam steps at ``learning_rate``). Returns the per-method summary frame,
+    ``local_steps`` Adam steps at ``learning_rate``). ``model`` picks the personal parts
+    (:data:`MNIST_MODELS`; ``"auto"``: ``"norm"`` on ``feature_shift``, else ``"head"``).
+    Returns the per-method summary frame,
     the per-client frame, the fit and the paths written.
 
     Examples
@@ -214,7 +225,11 @@ def run_mnist(
     split = mnist_heads.federated(
         partition, num_clients=num_clients, seed=seed, num_examples=num_examples
     )
-    model = mnist_heads.mlp_norm() if partition == "feature_shift" else mnist_heads.mlp_head()
+    if model == "auto":
+        model = "norm" if partition == "feature_shift" else "head"
+    if model not in MNIST_MODELS:
+        raise ValueError(f"model must be 'auto' or one of {sorted(MNIST_MODELS)}, got {model!r}")
+    model = getattr(mnist_heads, MNIST_MODELS[model])()
     sizes = split.train.sizes
     print(
         f"hierfl mnist: {num_clients} clients ({partition}), {int(sizes.sum())} training digits "
@@ -353,6 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     neural.add_argument("--local-steps", type=int, default=10)
     neural.add_argument("--learning-rate", type=float, default=3e-3)
     neural.add_argument("--seed", type=int, default=0)
+    neural.add_argument(
+        "--model",
+        choices=["auto", *MNIST_MODELS],
+        default="auto",
+        help="personal parts: a head (MLP or CNN body), normalization (FedBN-style) or "
+        "low-rank adapters; auto: normalization on feature_shift, else a head",
+    )
     options = vars(parser.parse_args(argv))
     options.pop("command")
     options.pop("run")(options.pop("out"), **options)

@@ -1,13 +1,15 @@
 r"""MNIST digits with a shared body and Bayesian personal parts (issue 4's model zoo entry).
 
-Three models (:mod:`hierfl.neural.architectures`), each with the hierarchical prior
+Four models (:mod:`hierfl.neural.architectures`), each with the hierarchical prior
 :math:`\theta_i \sim N(\mu, \mathrm{diag}\,\tau^2)` on its personal parts:
 
 * :func:`mlp_head` — a ReLU MLP body (784-128-64) and a personal linear head (64 -> 10);
 * :func:`cnn_head` — a small CNN body (two strided 3x3 convolutions, 8 and 16 channels, then
   a 64-unit dense layer) and a personal linear head;
 * :func:`mlp_norm` — an MLP whose hidden layers are followed by per-client normalization
-  scale/shift (FedBN-style) under the hierarchical prior, and a shared head.
+  scale/shift (FedBN-style) under the hierarchical prior, and a shared head;
+* :func:`mlp_adapter` — the same MLP with a personal low-rank (LoRA) adapter on its second
+  hidden layer under the hierarchical prior, and a shared head.
 
 The pooling spectrum is the choice of ``tau``: ``tau -> 0`` is FedAvg's single model (the
 personal parts pooled), ``tau -> infinity`` is local-only heads, and ``method="svi"`` learns
@@ -43,6 +45,7 @@ __all__ = [
     "cnn_head",
     "federated",
     "load",
+    "mlp_adapter",
     "mlp_head",
     "mlp_norm",
 ]
@@ -155,3 +158,11 @@ def mlp_norm(hidden=(128, 64)):
     from hierfl.neural import mlp_norm_model
 
     return mlp_norm_model(input_dim=784, num_classes=NUM_CLASSES, hidden=hidden)
+
+
+def mlp_adapter(hidden=(128, 64), rank=4):
+    """MLP with a personal rank-``rank`` adapter on its second hidden layer and a shared head,
+    under the hierarchical prior (needs the ``neural`` extra)."""
+    from hierfl.neural import mlp_adapter_model
+
+    return mlp_adapter_model(input_dim=784, num_classes=NUM_CLASSES, hidden=hidden, rank=rank)

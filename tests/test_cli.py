@@ -70,6 +70,17 @@ def test_mnist_job_runs_and_its_outputs_agree(tmp_path):
     )
 
 
+def test_mnist_job_names_its_models(tmp_path):
+    pytest.importorskip("flax")
+    from hierfl.cli import MNIST_MODELS
+    from models import mnist_heads
+
+    for name in MNIST_MODELS.values():  # every choice of --model is a model of the zoo
+        assert getattr(mnist_heads, name)().name == name
+    with pytest.raises(ValueError, match="model must be 'auto' or one of"):
+        run_mnist(tmp_path, num_clients=3, num_examples=300, model="lora", stream=io.StringIO())
+
+
 @pytest.mark.slow
 def test_radon_job_on_flower_gives_the_in_process_intercepts(tmp_path, capsys):
     pytest.importorskip("ray")

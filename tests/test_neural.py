@@ -19,6 +19,7 @@ from hierfl.neural import (  # noqa: E402
     SVISettings,
     harness,  # noqa: E402
     load_neural_fit,
+    mlp_adapter_model,
     mlp_head_model,
     mlp_norm_model,
     svi_algorithm,
@@ -540,6 +541,40 @@ def test_norm_variant_personal_parts():
     assert sorted(personal["norm_0"]) == ["scale", "shift"]
     fit = hf.fit(model, _data(), method="svi", num_rounds=2, local_steps=2, batch_size=8)
     assert fit.mu.shape == (12,) and np.all(fit.tau > 0)
+
+
+def test_adapter_variant_is_the_shared_layer_plus_a_scaled_low_rank_correction():
+    rank = 2
+    model = mlp_adapter_model(input_dim=DIM, num_classes=CLASSES, hidden=(6, 5), rank=rank)
+    shared, personal = model.init(jax.random.PRNGKey(0))
+    assert {k: v.shape for k, v in personal["adapter_1"].items()} == {
+        "down": (6, rank),
+        "up": (rank, 5),
+    }
+    assert np.all(np.asarray(personal["adapter_1"]["up"]) == 0)  # starts at the shared layer
+    # a client's adapter away from zero, against the formula written out in numpy
+    rng = np.random.default_rng(0)
+    down, up = rng.normal(size=(6, rank)), rng.normal(size=(rank, 5))
+    theta = {"adapter_1": {"down": jnp.asarray(down), "up": jnp.asarray(up)}}
+    x = rng.normal(size=(7, DIM))
+    p = jax.tree_util.tree_map(np.asarray, shared)
+    h = np.maximum(x @ p["first"]["kernel"] + p["first"]["bias"], 0)
+    dense = p["adapter_1"]["dense"]
+    kernel = dense["kernel"] + down @ up / np.sqrt(6 * rank)
+    expected = np.maximum(h @ kernel + dense["bias"], 0) @ p["out"]["kernel"] + p["out"]["bias"]
+    logits = model.logits(shared, theta, jnp.asarray(x, dtype=jnp.float32))
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    features = model.features(shared, jnp.asarray(x, dtype=jnp.float32))
+    np.testing.assert_allclose(model.head_logits(shared, theta, features), logits, atol=1e-6)
+    fit = hf.fit(model, _data(), method="svi", num_rounds=2, local_steps=2, batch_size=8)
+    assert fit.mu.shape == (6 * rank + rank * 5,) and np.all(fit.tau > 0)
+    posterior = fit.to_arviz(num_draws=5).posterior
+    assert posterior["adapter_1_down"].dims[:3] == ("chain", "draw", "client")
+    assert posterior["adapter_1_down"].shape[2:] == (4, 6, rank)
+    with pytest.raises(ValueError, match="at least two hidden layers"):
+        mlp_adapter_model(input_dim=DIM, num_classes=CLASSES, hidden=(6,)).init(
+            jax.random.PRNGKey(0)
+        )
 
 
 def test_svi_reports_bad_input_and_missing_extra(monkeypatch):

@@ -1,9 +1,9 @@
 """Neural variants of hierfl (the ``neural`` extra: Flax and Optax).
 
 A shared body (point estimate, averaged by the server) with Bayesian personal parts
-``theta_i ~ N(mu, diag tau^2)`` -- a head or per-client normalization -- fitted by federated
-variational inference (``hf.fit(model, data, method="svi")``), plus the baselines of
-:mod:`hierfl.neural.baselines` in the same harness.
+``theta_i ~ N(mu, diag tau^2)`` -- a head, per-client normalization or low-rank adapters --
+fitted by federated variational inference (``hf.fit(model, data, method="svi")``), plus the
+baselines of :mod:`hierfl.neural.baselines` in the same harness.
 """
 
 from __future__ import annotations
@@ -16,30 +16,35 @@ except ImportError as error:  # pragma: no cover - exercised without the extra
 
 from .architectures import (
     CNNHead,
+    MLPAdapter,
     MLPHead,
     MLPNorm,
     cnn_head_model,
+    mlp_adapter_model,
     mlp_head_model,
     mlp_norm_model,
 )
 from .fit import NeuralFit, fit_svi, load_neural_fit
-from .layers import PERSONAL, PersonalDense, PersonalNorm
+from .layers import PERSONAL, PersonalAdapter, PersonalDense, PersonalNorm
 from .model import NeuralModel
 from .svi import SVISettings, svi_algorithm
 
 __all__ = [
     "PERSONAL",
     "CNNHead",
+    "MLPAdapter",
     "MLPHead",
     "MLPNorm",
     "NeuralFit",
     "NeuralModel",
+    "PersonalAdapter",
     "PersonalDense",
     "PersonalNorm",
     "SVISettings",
     "cnn_head_model",
     "fit_svi",
     "load_neural_fit",
+    "mlp_adapter_model",
     "mlp_head_model",
     "mlp_norm_model",
     "svi_algorithm",

@@ -1,5 +1,6 @@
-"""Bodies with personal parts: an MLP or a small CNN with a personal head, and an MLP with
-personal normalization (FedBN-style scale/shift) and a shared head.
+"""Bodies with personal parts: an MLP or a small CNN with a personal head, an MLP with
+personal normalization (FedBN-style scale/shift) and a shared head, and an MLP with personal
+low-rank adapters and a shared head.
 
 Every module splits at its first personal layer: ``features(x)`` is the part of the network
 before it (shared parameters only) and ``personal_head(h)`` the rest, so that
@@ -14,10 +15,19 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 
-from .layers import PersonalDense, PersonalNorm
+from .layers import PersonalAdapter, PersonalDense, PersonalNorm
 from .model import NeuralModel
 
-__all__ = ["CNNHead", "MLPHead", "MLPNorm", "cnn_head_model", "mlp_head_model", "mlp_norm_model"]
+__all__ = [
+    "CNNHead",
+    "MLPAdapter",
+    "MLPHead",
+    "MLPNorm",
+    "cnn_head_model",
+    "mlp_adapter_model",
+    "mlp_head_model",
+    "mlp_norm_model",
+]
 
 
 class MLPHead(nn.Module):
@@ -97,6 +107,39 @@ class MLPNorm(nn.Module):
         return self.personal_head(self.features(x))
 
 
+class MLPAdapter(nn.Module):
+    """Shared ReLU MLP and head; every hidden layer after the first is a
+    :class:`PersonalAdapter` (shared dense layer plus a personal rank-``rank`` correction,
+    ``adapter_<k>_down`` and ``adapter_<k>_up``). ``features`` is the first hidden layer's
+    output (before the first adapter)."""
+
+    hidden: Sequence[int]
+    num_classes: int
+    rank: int = 4
+
+    def setup(self):
+        if len(self.hidden) < 2:
+            raise ValueError(
+                f"MLPAdapter needs at least two hidden layers (got {tuple(self.hidden)}): "
+                "the first is shared, the adapters sit on the others"
+            )
+        self.first = nn.Dense(self.hidden[0])
+        for k, width in enumerate(self.hidden[1:], start=1):
+            setattr(self, f"adapter_{k}", PersonalAdapter(width, self.rank))
+        self.out = nn.Dense(self.num_classes)
+
+    def features(self, x):
+        return nn.relu(self.first(x.reshape(x.shape[0], -1)))
+
+    def personal_head(self, h):
+        for k in range(1, len(self.hidden)):
+            h = nn.relu(getattr(self, f"adapter_{k}")(h))
+        return self.out(h)
+
+    def __call__(self, x):
+        return self.personal_head(self.features(x))
+
+
 def mlp_head_model(
     *, input_dim: int, num_classes: int, hidden: Sequence[int] = (128, 64)
 ) -> NeuralModel:
@@ -128,4 +171,23 @@ def mlp_norm_model(
     """An :class:`MLPNorm` as a :class:`NeuralModel` on flat inputs ``[input_dim]``."""
     return NeuralModel(
         MLPNorm(tuple(hidden), num_classes), (input_dim,), num_classes, name="mlp_norm"
+    )
+
+
+def mlp_adapter_model(
+    *, input_dim: int, num_classes: int, hidden: Sequence[int] = (128, 64), rank: int = 4
+) -> NeuralModel:
+    """An :class:`MLPAdapter` as a :class:`NeuralModel` on flat inputs ``[input_dim]``.
+
+    Examples
+    --------
+    >>> model = mlp_adapter_model(input_dim=784, num_classes=10, rank=4)
+    >>> model.personal_size()  # A [128, 4] and B [4, 64]
+    768
+    """
+    return NeuralModel(
+        MLPAdapter(tuple(hidden), num_classes, rank),
+        (input_dim,),
+        num_classes,
+        name="mlp_adapter",
     )

@@ -8,10 +8,13 @@ parts are personal is therefore a property of the model, not of the algorithm.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-__all__ = ["PERSONAL", "PersonalDense", "PersonalNorm"]
+__all__ = ["PERSONAL", "PersonalAdapter", "PersonalDense", "PersonalNorm"]
 
 #: Flax variable collection that holds the personal parameters
 PERSONAL = "personal"
@@ -50,3 +53,47 @@ class PersonalNorm(nn.Module):
         mean = x.mean(axis=-1, keepdims=True)
         var = x.var(axis=-1, keepdims=True)
         return scale * (x - mean) / jnp.sqrt(var + NORM_EPSILON) + shift
+
+
+class PersonalAdapter(nn.Module):
+    r"""A shared dense layer with a personal low-rank adapter (LoRA, Hu et al. 2022):
+
+    .. math:: y = x \left(W + \frac{A_i B_i}{\sqrt{\mathrm{in} \cdot r}}\right) + b,
+
+    with ``W`` ``[in, features]`` and ``b`` shared (``dense_kernel``, ``dense_bias`` in the
+    ``"params"`` collection) and each client's ``A_i`` ``[in, r]`` (``down``) and ``B_i``
+    ``[r, features]`` (``up``) personal, under the hierarchical prior. ``A`` starts as
+    standard normal draws and ``B`` at zero, so every client starts at the shared layer; the
+    scales sit in the layer, so the parameters are of unit scale (``tau ~ 1`` is as wide
+    as the initialization). The learned ``tau`` of ``A`` and ``B`` is the shrinkage: how
+    far each client's adapter may move from the population's.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> layer = PersonalAdapter(features=3, rank=2)
+    >>> variables = layer.init(jax.random.PRNGKey(0), jnp.ones((1, 5)))
+    >>> {k: v.shape for k, v in variables["personal"].items()}
+    {'down': (5, 2), 'up': (2, 3)}
+    >>> y = layer.apply(variables, jnp.ones((4, 5)))  # B = 0: the shared layer alone
+    >>> dense = variables["params"]["dense"]
+    >>> bool(jnp.allclose(y, jnp.ones((4, 5)) @ dense["kernel"] + dense["bias"]))
+    True
+    """
+
+    features: int
+    rank: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        shared = nn.Dense(self.features, name="dense")(x)
+        fan_in = x.shape[-1]
+        down = self.variable(
+            PERSONAL,
+            "down",
+            lambda: jax.random.normal(self.make_rng("params"), (fan_in, self.rank)),
+        ).value
+        up = self.variable(PERSONAL, "up", lambda: jnp.zeros((self.rank, self.features))).value
+        # unit-scale parameters (the scales sit in the layer), so that tau ~ 1 is as wide
+        # as the initialization, as for the other personal layers
+        return shared + ((x @ down) / math.sqrt(fan_in)) @ up / math.sqrt(self.rank)
