@@ -365,6 +365,13 @@ class NeuralFit:
         each client's summed row log-likelihoods, on dim ``client``); ``by="obs"``: leave one
         row out. The body ``w`` and ``mu, tau`` stay at their point estimates.
 
+        Read the Pareto ``k`` diagnostics: a mean-field ``q_i`` over hundreds of personal
+        parameters gives heavy-tailed importance ratios. On MNIST (Dirichlet 0.5, 20
+        clients, ``mnist_heads.mlp_head()``, 10 rounds) 65% of the rows had ``k > 0.5`` and
+        12% ``k > 1``, and every client had ``k > 1`` when left out whole (leaving a client
+        out takes away all the data its ``theta_i`` has). There the held-out log predictive
+        on test rows (:meth:`predict`) is the sounder comparison.
+
         Parameters
         ----------
         data : ClientData
