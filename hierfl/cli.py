@@ -9,7 +9,7 @@ it names.
 
 ``hierfl mnist`` (the ``neural`` extra) splits the 5,000 bundled digits among clients with
 one of the partitions of :mod:`models.mnist_heads`, fits ``method="svi"`` (a shared body with
-Bayesian personal heads, personal normalization or personal low-rank adapters: ``--model``)
+Bayesian personal heads, normalization, low-rank adapters or channel gates: ``--model``)
 next to local-only training, FedAvg and FedAvg + fine-tuning with the same budget, prints
 accuracy and calibration on every client's held-out rows, and writes a reliability diagram,
 per-client accuracies, the learned ``tau`` per round, a forest plot of a few clients' personal
@@ -34,6 +34,7 @@ MNIST_MODELS = {
     "cnn": "cnn_head",
     "norm": "mlp_norm",
     "adapter": "mlp_adapter",
+    "gate": "cnn_gate",
 }
 
 
@@ -372,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         "--model",
         choices=["auto", *MNIST_MODELS],
         default="auto",
-        help="personal parts: a head (MLP or CNN body), normalization (FedBN-style) or "
-        "low-rank adapters; auto: normalization on feature_shift, else a head",
+        help="personal parts: a head (MLP or CNN body), normalization (FedBN-style), "
+        "low-rank adapters or CNN channel gates; auto: normalization on feature_shift, "
+        "else a head",
     )
     options = vars(parser.parse_args(argv))
     options.pop("command")

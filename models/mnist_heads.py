@@ -1,6 +1,6 @@
 r"""MNIST digits with a shared body and Bayesian personal parts (issue 4's model zoo entry).
 
-Four models (:mod:`hierfl.neural.architectures`), each with the hierarchical prior
+Five models (:mod:`hierfl.neural.architectures`), each with the hierarchical prior
 :math:`\theta_i \sim N(\mu, \mathrm{diag}\,\tau^2)` on its personal parts:
 
 * :func:`mlp_head` — a ReLU MLP body (784-128-64) and a personal linear head (64 -> 10);
@@ -9,7 +9,9 @@ Four models (:mod:`hierfl.neural.architectures`), each with the hierarchical pri
 * :func:`mlp_norm` — an MLP whose hidden layers are followed by per-client normalization
   scale/shift (FedBN-style) under the hierarchical prior, and a shared head;
 * :func:`mlp_adapter` — the same MLP with a personal low-rank (LoRA) adapter on its second
-  hidden layer under the hierarchical prior, and a shared head.
+  hidden layer under the hierarchical prior, and a shared head;
+* :func:`cnn_gate` — the small CNN with personal gates on its last convolution's channels
+  (squeeze-and-excitation-style gating) under the hierarchical prior, and a shared head.
 
 The pooling spectrum is the choice of ``tau``: ``tau -> 0`` is FedAvg's single model (the
 personal parts pooled), ``tau -> infinity`` is local-only heads, and ``method="svi"`` learns
@@ -42,6 +44,7 @@ __all__ = [
     "NUM_CLASSES",
     "PARTITIONS",
     "FederatedSplit",
+    "cnn_gate",
     "cnn_head",
     "federated",
     "load",
@@ -166,3 +169,13 @@ def mlp_adapter(hidden=(128, 64), rank=4):
     from hierfl.neural import mlp_adapter_model
 
     return mlp_adapter_model(input_dim=784, num_classes=NUM_CLASSES, hidden=hidden, rank=rank)
+
+
+def cnn_gate(channels=(8, 16), features=64):
+    """Small CNN with personal channel gates on its last convolution and a shared head, under
+    the hierarchical prior (needs the ``neural`` extra)."""
+    from hierfl.neural import cnn_gate_model
+
+    return cnn_gate_model(
+        image_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES, channels=channels, features=features
+    )

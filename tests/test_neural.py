@@ -17,6 +17,7 @@ import hierfl as hf  # noqa: E402
 from hierfl.neural import (  # noqa: E402
     NeuralFit,
     SVISettings,
+    cnn_gate_model,
     harness,  # noqa: E402
     load_neural_fit,
     mlp_adapter_model,
@@ -575,6 +576,32 @@ def test_adapter_variant_is_the_shared_layer_plus_a_scaled_low_rank_correction()
         mlp_adapter_model(input_dim=DIM, num_classes=CLASSES, hidden=(6,)).init(
             jax.random.PRNGKey(0)
         )
+
+
+def test_gate_variant_scales_the_shared_channels():
+    """A client's gate ``2 sigmoid(g_c)`` on channel ``c`` equals the shared network with
+    the dense layer's inputs from that channel scaled by the same factor (ReLU commutes
+    with a positive scale)."""
+    model = cnn_gate_model(image_shape=(8, 8, 1), num_classes=CLASSES, channels=(2, 3))
+    shared, personal = model.init(jax.random.PRNGKey(0))
+    assert personal["gate"]["gate"].shape == (3,)
+    g = jnp.array([-1.0, 0.5, 2.0])
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 64))
+    logits = model.logits(shared, {"gate": {"gate": g}}, x)
+    np.testing.assert_allclose(
+        model.head_logits(shared, {"gate": {"gate": g}}, model.features(shared, x)),
+        logits,
+        atol=1e-6,
+    )
+    scale = 2 * jax.nn.sigmoid(g)  # flattened [2, 2, 3] feature maps: the channel is last
+    kernel = shared["dense"]["kernel"] * jnp.tile(scale, 4)[:, None]
+    rescaled = {**shared, "dense": {**shared["dense"], "kernel": kernel}}
+    np.testing.assert_allclose(model.logits(rescaled, personal, x), logits, rtol=1e-5, atol=1e-5)
+    data = hf.ClientData.from_dict(
+        {c: {"x": np.asarray(x)[: 3 + c], "y": np.arange(3 + c) % CLASSES} for c in range(3)}
+    )
+    fit = hf.fit(model, data, method="svi", num_rounds=2, local_steps=2, batch_size=4)
+    assert fit.mu.shape == (3,) and np.all(fit.tau > 0)
 
 
 def test_svi_reports_bad_input_and_missing_extra(monkeypatch):

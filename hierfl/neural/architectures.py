@@ -1,6 +1,7 @@
 """Bodies with personal parts: an MLP or a small CNN with a personal head, an MLP with
-personal normalization (FedBN-style scale/shift) and a shared head, and an MLP with personal
-low-rank adapters and a shared head.
+personal normalization (FedBN-style scale/shift) and a shared head, an MLP with personal
+low-rank adapters and a shared head, and a small CNN with personal channel gates and a shared
+head.
 
 Every module splits at its first personal layer: ``features(x)`` is the part of the network
 before it (shared parameters only) and ``personal_head(h)`` the rest, so that
@@ -15,14 +16,16 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 
-from .layers import PersonalAdapter, PersonalDense, PersonalNorm
+from .layers import PersonalAdapter, PersonalDense, PersonalGate, PersonalNorm
 from .model import NeuralModel
 
 __all__ = [
+    "CNNGate",
     "CNNHead",
     "MLPAdapter",
     "MLPHead",
     "MLPNorm",
+    "cnn_gate_model",
     "cnn_head_model",
     "mlp_adapter_model",
     "mlp_head_model",
@@ -74,6 +77,38 @@ class CNNHead(nn.Module):
 
     def personal_head(self, h):
         return self.head(h)
+
+    def __call__(self, x):
+        return self.personal_head(self.features(x))
+
+
+class CNNGate(nn.Module):
+    """The :class:`CNNHead` body and a shared head, with personal channel gates
+    (:class:`PersonalGate`, ``gate_gate``) on the last convolution's channels: each client
+    turns the shared feature maps up or down. ``features`` is the last convolution's output
+    (before the gates)."""
+
+    channels: Sequence[int]
+    features_size: int
+    num_classes: int
+
+    def setup(self):
+        self.convs = [nn.Conv(width, (3, 3), strides=(2, 2)) for width in self.channels]
+        self.gate = PersonalGate()
+        self.dense = nn.Dense(self.features_size)
+        self.out = nn.Dense(self.num_classes)
+
+    def features(self, x):
+        for k, conv in enumerate(self.convs):
+            x = conv(x)
+            if k < len(self.convs) - 1:
+                x = nn.relu(x)
+        return x
+
+    def personal_head(self, h):
+        h = nn.relu(self.gate(h))
+        h = nn.relu(self.dense(h.reshape(h.shape[0], -1)))
+        return self.out(h)
 
     def __call__(self, x):
         return self.personal_head(self.features(x))
@@ -162,6 +197,28 @@ def cnn_head_model(
         tuple(image_shape),
         num_classes,
         name="cnn_head",
+    )
+
+
+def cnn_gate_model(
+    *,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    channels: Sequence[int] = (8, 16),
+    features: int = 64,
+) -> NeuralModel:
+    """A :class:`CNNGate` as a :class:`NeuralModel` on images ``image_shape`` (HWC).
+
+    Examples
+    --------
+    >>> cnn_gate_model(image_shape=(28, 28, 1), num_classes=10).personal_size()  # 16 gates
+    16
+    """
+    return NeuralModel(
+        CNNGate(tuple(channels), features, num_classes),
+        tuple(image_shape),
+        num_classes,
+        name="cnn_gate",
     )
 
 

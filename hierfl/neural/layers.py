@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["PERSONAL", "PersonalAdapter", "PersonalDense", "PersonalNorm"]
+__all__ = ["PERSONAL", "PersonalAdapter", "PersonalDense", "PersonalGate", "PersonalNorm"]
 
 #: Flax variable collection that holds the personal parameters
 PERSONAL = "personal"
@@ -97,3 +97,32 @@ class PersonalAdapter(nn.Module):
         # unit-scale parameters (the scales sit in the layer), so that tau ~ 1 is as wide
         # as the initialization, as for the other personal layers
         return shared + ((x @ down) / math.sqrt(fan_in)) @ up / math.sqrt(self.rank)
+
+
+class PersonalGate(nn.Module):
+    r"""Personal channel gates (a squeeze-and-excitation gate without the squeeze): every
+    channel (last axis) of the input is scaled by ``2 sigmoid(g_c)``, with ``g`` personal
+    (``gate``, one value per channel, starting at 0: a gate of 1, the shared network).
+
+    Under the hierarchical prior, ``mu`` is the population's gating and ``tau`` how far a
+    client may turn its own channels up (to 2x) or off.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> layer = PersonalGate()
+    >>> variables = layer.init(jax.random.PRNGKey(0), jnp.ones((1, 4, 4, 3)))
+    >>> variables["personal"]["gate"].shape
+    (3,)
+    >>> x = jnp.ones((2, 4, 4, 3))
+    >>> bool(jnp.allclose(layer.apply(variables, x), x))  # gates start at 1
+    True
+    >>> off = {"personal": {"gate": jnp.array([-30.0, 0.0, 30.0])}}
+    >>> layer.apply(off, x)[0, 0, 0].round(3).tolist()
+    [0.0, 1.0, 2.0]
+    """
+
+    @nn.compact
+    def __call__(self, x):
+        gate = self.variable(PERSONAL, "gate", lambda: jnp.zeros(x.shape[-1])).value
+        return x * (2.0 * jax.nn.sigmoid(gate))
