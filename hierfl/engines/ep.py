@@ -210,7 +210,8 @@ class EPSettings(NamedTuple):
     tol : float or None
         Converged when the largest change of a global mean (in posterior sds) and of a log
         sd stay below ``tol`` for :data:`PATIENCE` rounds (default by ``tilted``:
-        :data:`DEFAULT_TOL`).
+        :data:`DEFAULT_TOL`). A round whose received updates the server all refused (back-off
+        fraction 0) changed nothing, and does not count.
     num_warmup, num_samples : int
         NUTS warmup and kept draws per tilted run; ``num_samples`` is also the number of
         posterior draws of the fit (global and personal).
@@ -332,7 +333,7 @@ class EPServerInfo(NamedTuple):
     sd: Any  # [d] global sd
     mean_change: Any  # [] max |change of mean| / sd
     sd_change: Any  # [] max |change of log sd|
-    applied_scale: Any  # [] fraction of the summed change applied (back-off)
+    applied_scale: Any  # [] fraction of the summed change applied (back-off); 0: refused
     received: Any  # [] number of messages added
 
 
@@ -983,6 +984,7 @@ def ep_algorithm(
     max_steps: int | None = None,
     keep: tuple[str, ...] | None = None,
     client_sites: tuple[str, ...] | None = None,
+    pair_with_global: bool = True,
 ):
     """EP as a :class:`~hierfl.protocol.FederatedAlgorithm` (see the module docstring).
 
@@ -1002,6 +1004,10 @@ def ep_algorithm(
         ``phi`` by a linear regression adjustment in the constrained space,
         :math:`\theta_s + B(z^{glob}_s - z^{tilt}_s)`. Every other site is evaluated at the
         global draws.
+    pair_with_global : bool
+        ``False``: ``client_finalize`` returns the tilted draws themselves, globals included
+        (a new client adapting against the final state, whose tilted distribution is its
+        posterior: :mod:`hierfl.adapt`).
     """
     from ..protocol import FederatedAlgorithm
 
@@ -1187,6 +1193,8 @@ def ep_algorithm(
         phi_tilted, local = draws[:, :d], draws[:, d:]
         fields, mask = data["fields"], data["mask"]
         tilted_values = jax.vmap(lambda x: problem.constrain(x, fields, mask))(draws)
+        if not pair_with_global:
+            return {k: v for k, v in tilted_values.items() if keep is None or k in keep}
         global_values = jax.vmap(lambda x: problem.constrain(x, fields, mask))(
             jnp.concatenate([global_draws, local], axis=1)
         )
@@ -1442,6 +1450,7 @@ def run_ep(
         "mean_change": [],
         "sd_change": [],
         "applied_scale": [],
+        "refused": [],
         "received": [],
         "participants": [],
         "seconds": [],
@@ -1457,7 +1466,9 @@ def run_ep(
         )
     clock = [time.perf_counter()]
 
-    def record(round_index, participants, received, info):
+    def record(round_index, participants, received, info, refused):
+        """Append one round to ``history``. ``refused``: updates arrived but the server applied
+        none of them; the round repeats unchanged, so it never counts towards convergence."""
         now = time.perf_counter()
         history["round"].append(round_index)
         history["mean"].append(np.asarray(info.mean))
@@ -1465,12 +1476,13 @@ def run_ep(
         history["mean_change"].append(float(info.mean_change))
         history["sd_change"].append(float(info.sd_change))
         history["applied_scale"].append(float(info.applied_scale))
+        history["refused"].append(bool(refused))
         history["received"].append(int(received))
         history["participants"].append(int(participants))
         history["seconds"].append(now - clock[0])
         clock[0] = now
         change = max(float(info.mean_change), float(info.sd_change))
-        below[0] = below[0] + 1 if (change < tol and received > 0) else 0
+        below[0] = below[0] + 1 if (change < tol and received > 0 and not refused) else 0
         if below[0] >= PATIENCE and converged_at[0] is None:
             converged_at[0] = round_index + 1
         if bar is not None:
@@ -1525,9 +1537,13 @@ def run_ep(
             jnp.min(applied),
             int(working.sum() - np.asarray(invalid).sum()),
         )
+        # the sweep's smallest fraction is 0 as soon as one update was refused; the sweep
+        # applied nothing only when every update that arrived was
+        accepted = working[np.asarray(index)] & ~np.asarray(invalid)
+        refused = bool(accepted.any() and not np.any(np.asarray(applied)[accepted] > 0))
         rec = RoundRecord(round_index, int(working.sum()), int(info.received), info)
         rounds.append(rec)
-        stop = record(round_index, rec.participants, rec.received, info)
+        stop = record(round_index, rec.participants, rec.received, info, refused)
         if on_round is not None:
             on_round(rec, server_state, client_states)
         return server_state, client_states, stop
@@ -1542,7 +1558,8 @@ def run_ep(
             start_round = 1
 
         def on_round_hook(rec, server_state, client_states):
-            record(rec.round, rec.participants, rec.received, rec.server_info)
+            refused = rec.received > 0 and float(rec.server_info.applied_scale) == 0.0
+            record(rec.round, rec.participants, rec.received, rec.server_info, refused)
             if on_round is not None:
                 on_round(rec, server_state, client_states)
 
@@ -1668,9 +1685,9 @@ def fit_ep(
         tilted inference, see ``average_from``; through the constraining transforms),
         personal draws from each client's final tilted inference against it;
         ``diagnostics`` holds ``history`` (per round: global means and sds of the
-        unconstrained ``phi``, changes, back-off, messages received, seconds), ``skips``,
-        ``rounds``, ``converged_round``, ``state`` (a checkpoint), ``bytes_per_message`` and
-        ``averaged_updates``.
+        unconstrained ``phi``, changes, back-off, whether the server refused every update,
+        messages received, seconds), ``skips``, ``rounds``, ``converged_round``, ``state`` (a
+        checkpoint), ``bytes_per_message`` and ``averaged_updates``.
     """
     from ..families import ConjugateFamily
 
