@@ -281,6 +281,42 @@ class Fit:
             raise DataError(f"client {client!r}: predict needs field {error.args[0]!r}") from None
         return {k: np.asarray(v) for k, v in out.items()}
 
+    def adapt(self, client: Hashable, *, key=None, **fields) -> Fit:
+        """Cold start with a few rows: the personal posterior of a client not in the fit.
+
+        The client runs the engine's client step against the final global state on its own
+        rows; no server round runs, and the fit is left as it is (:mod:`hierfl.adapt`).
+        ``exact`` fits give the posterior a fit including the client would give (importance
+        weights on ``phi``; ``diagnostics["pareto_k"]`` checks them); ``ep`` fits run the
+        client's tilted inference with ``q(phi)`` as its cavity.
+
+        Parameters
+        ----------
+        client : hashable
+            A new client id.
+        key : jax PRNGKey or int, optional
+        **fields
+            The client's rows, every field the model needs (as in ``ClientData``).
+
+        Returns
+        -------
+        Fit
+            A fit holding that one client (``predict``, ``to_arviz``, ``personal_summary``).
+
+        Examples
+        --------
+        >>> import numpy as np, hierfl as hf
+        >>> data = hf.ClientData.from_dict({c: {"y": np.array([v]), "sigma": np.array([1.0])}
+        ...                                 for c, v in zip("abcd", [0.0, 1.0, 2.0, 3.0])})
+        >>> fit = hf.fit(hf.NormalNormal(), data, num_samples=200, num_warmup=200, num_chains=1)
+        >>> new = fit.adapt("e", y=[4.0, 5.0], sigma=[1.0, 1.0])
+        >>> new.client_ids, new.predict("e", sigma=[1.0])["y"].shape
+        (('e',), (200, 1))
+        """
+        from .adapt import adapt
+
+        return adapt(self, client, key=key, **fields)
+
     def log_likelihood(self, clients: Sequence[Hashable] | None = None) -> dict[str, np.ndarray]:
         """Pointwise log-likelihood ``[chain, draw, obs]`` of the clients' observations."""
         ids = list(self.client_ids if clients is None else clients)

@@ -1,0 +1,130 @@
+"""Cold start with a few rows (``Fit.adapt``): a client left out of the fit, adapted on its
+own rows without a server round, gets the posterior a fit that included it gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import FAST, SD_RATIO, Z, mcse_of_mean, mcse_of_sd
+
+import hierfl as hf
+
+HELD_OUT = "LAC QUI PARLE"  # 2 homes: its intercept is mostly the population's
+
+
+@pytest.fixture(scope="module")
+def radon_without(radon_family, radon_data):
+    rest = radon_data.subset([c for c in radon_data.client_ids if c != HELD_OUT])
+    return hf.fit(radon_family, rest, method="exact", seed=3, **FAST)
+
+
+@pytest.fixture(scope="module")
+def radon_adapted(radon_without, radon_data):
+    return radon_without.adapt(HELD_OUT, **radon_data[HELD_OUT])
+
+
+def test_exact_adapt_equals_the_centralized_posterior(radon_adapted, radon_nuts):
+    """Importance-weighted phi draws plus the closed-form conditional: the held-out county's
+    intercept, and phi, as centralized NUTS on all 85 counties gives them."""
+    reference = radon_nuts.posterior_samples([HELD_OUT])
+    adapted = radon_adapted.posterior_samples([HELD_OUT])
+    pairs = [("b", reference["b"][:, :, 0], adapted["b"][:, :, 0])]
+    pairs += [(name, reference[name], adapted[name]) for name in ("tau", "sigma")]
+    pairs += [("beta", reference["beta"], adapted["beta"])]
+    for name, ref, new in pairs:
+        ref, new = np.asarray(ref, np.float64), np.asarray(new, np.float64)
+        tolerance = Z * np.hypot(mcse_of_mean(ref), mcse_of_mean(new))
+        np.testing.assert_array_less(
+            np.abs(ref.mean(axis=(0, 1)) - new.mean(axis=(0, 1))), tolerance + 1e-6, err_msg=name
+        )
+        ratio = new.std(axis=(0, 1)) / ref.std(axis=(0, 1))
+        slack = SD_RATIO + Z * np.hypot(mcse_of_sd(ref), mcse_of_sd(new)) / ref.std(axis=(0, 1))
+        np.testing.assert_array_less(np.abs(ratio - 1.0), slack, err_msg=name)
+
+
+def test_exact_adapt_matches_the_exact_fit_that_included_the_client(
+    radon_adapted, radon_exact, radon_data
+):
+    """The weighted mixture moments equal the full exact fit's personal moments."""
+    index = radon_data.index_of(HELD_OUT)
+    mean, sd = radon_exact.personal["b"]
+    new_mean, new_sd = radon_adapted.personal["b"]
+    assert radon_adapted.diagnostics["pareto_k"] < 0.5
+    assert radon_adapted.diagnostics["ess"] > 500
+    assert abs(new_mean[0] - mean[index]) < 0.05 * sd[index]
+    assert abs(new_sd[0] / sd[index] - 1.0) < 0.05
+
+
+def test_adapted_fit_works_like_a_fit(radon_adapted, radon_data):
+    rows = radon_data[HELD_OUT]
+    draws = radon_adapted.predict(
+        HELD_OUT,
+        floor=[0.0],
+        log_uranium=rows["log_uranium"][:1],
+        floor_mean=rows["floor_mean"][:1],
+    )["log_radon"]
+    assert draws.shape == (FAST["num_samples"] * FAST["num_chains"], 1)
+    idata = radon_adapted.to_arviz()
+    assert list(idata.posterior["b"].coords["client"].values) == [HELD_OUT]
+    assert idata.log_likelihood["log_radon"].shape[-1] == len(rows["log_radon"])
+    frame = radon_adapted.personal_summary()
+    assert frame.loc[HELD_OUT, "n_obs"] == 2
+
+
+def test_surprising_rows_warn(radon_without, radon_data):
+    rows = dict(radon_data[HELD_OUT])
+    rows = {k: np.repeat(v[:1], 40) for k, v in rows.items()}
+    rows["log_radon"] = np.full(40, 9.0)  # far above any county
+    with pytest.warns(UserWarning, match="Pareto k"):
+        radon_without.adapt("SURPRISE", **rows)
+
+
+def test_adapt_errors_name_the_client_and_field(radon_without, radon_data, eight_schools_nuts):
+    rows = dict(radon_data[HELD_OUT])
+    with pytest.raises(hf.DataError, match="'AITKIN' is in the fit"):
+        radon_without.adapt("AITKIN", **radon_data["AITKIN"])
+    missing = {k: v for k, v in rows.items() if k != "log_uranium"}
+    with pytest.raises(hf.DataError, match=r"'NEW'.*log_uranium"):
+        radon_without.adapt("NEW", **missing)
+    bad = dict(rows, log_radon=np.array([1.0, np.nan]))
+    with pytest.raises(hf.DataError, match=r"'NEW'.*log_radon"):
+        radon_without.adapt("NEW", **bad)
+    with pytest.raises(ValueError, match="centralized reference"):
+        eight_schools_nuts.adapt("new school", y=[1.0], sigma=[10.0])
+
+
+def test_ep_adapt_agrees_with_the_ep_fit_that_included_the_client():
+    """EP: the new client's tilted inference against q(phi) gives the personal posterior that
+    an EP fit with the client included gives it (that fit's site moves q(phi) by a sixth of
+    the data: 0.2 sd, and 12% of the sd, allowed)."""
+    from models import hospitals
+
+    sim = hospitals.generate(6, seed=2, median_size=100)
+    data = sim.train
+    target = data.client_ids[-1]
+    rest = data.subset(data.client_ids[:-1])
+    options = dict(method="ep", tilted="laplace", num_rounds=8, seed=0)
+    fit = hf.fit(hospitals.partial_pooling, rest, **options)
+    adapted = fit.adapt(target, **data[target])
+    full = hf.fit(hospitals.partial_pooling, data, **options)
+    index = data.index_of(target)
+    for name in ("alpha", "beta", "u", "v"):
+        mean, sd = full.personal[name][0][index], full.personal[name][1][index]
+        new_mean, new_sd = adapted.personal[name]
+        assert abs(new_mean[0] - mean) < 0.2 * sd, name
+        assert abs(new_sd[0] / sd - 1.0) < 0.12, name
+    # the client's rows narrowed its intercept well below the population's spread (cold start)
+    population = np.sqrt(
+        fit.global_samples["mu_alpha"].var() + np.mean(fit.global_samples["sigma_alpha"] ** 2)
+    )
+    assert adapted.personal["alpha"][1][0] < 0.5 * population
+    assert adapted.predict(target, score=[0.0, 2.0])["y"].shape == (fit.num_draws, 2)
+    # the client's draws of phi are its tilted ones: q(phi) moved by its own rows, towards
+    # the full fit's; the fit itself is left as it was
+    for name in ("mu_alpha", "mu_beta"):
+        before, after = fit.global_samples[name], adapted.global_samples[name]
+        target_mean = full.global_samples[name].mean()
+        assert abs(after.mean() - target_mean) < abs(before.mean() - target_mean) + 0.05 * (
+            before.std()
+        ), name
+    assert fit.client_ids == rest.client_ids
