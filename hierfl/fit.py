@@ -15,6 +15,7 @@ It wraps the result of the pure federated core and holds no state that changes r
 
 from __future__ import annotations
 
+import functools
 import pickle
 import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -123,6 +124,19 @@ class StoredClientSamples:
     def __call__(self, indices) -> dict[str, np.ndarray]:
         indices = np.asarray(indices, dtype=np.int64)
         return {k: v[:, :, indices] for k, v in self.samples.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_predictive(model, return_sites: tuple[str, ...], num_clients: int):
+    """``Predictive(model, ...)`` as one compiled program per model, sites and shapes: a
+    second ``predict`` with inputs of the same shapes reuses it (0.33 s -> a few ms on radon)
+    instead of dispatching the model's operations one by one again."""
+
+    def run(key, samples, fields, client):
+        predictive = Predictive(model, posterior_samples=samples, return_sites=list(return_sites))
+        return predictive(key, ModelData(fields, client, num_clients))
+
+    return jax.jit(run)
 
 
 def as_key(key, seed: int, salt: int):
@@ -269,14 +283,10 @@ class Fit:
                 samples[name] = np.asarray(value).reshape((-1,) + np.shape(value)[2:])
         if num_samples is not None:
             samples = {k: v[:num_samples] for k, v in samples.items()}
-        observed = list(self.sites.observed)
-        predictive = Predictive(
-            self.model,
-            posterior_samples=samples,
-            return_sites=observed + list(self.sites.row_sites),
-        )
+        sites = tuple(self.sites.observed) + tuple(self.sites.row_sites)
+        predictive = _compiled_predictive(self.model, sites, model_data.num_clients)
         try:
-            out = predictive(self._key(key, 1), model_data)
+            out = predictive(self._key(key, 1), samples, model_data.fields, model_data.client)
         except KeyError as error:
             raise DataError(f"client {client!r}: predict needs field {error.args[0]!r}") from None
         return {k: np.asarray(v) for k, v in out.items()}
