@@ -139,6 +139,16 @@ def _compiled_predictive(model, return_sites: tuple[str, ...], num_clients: int)
     return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled_log_likelihood(model, num_clients: int):
+    """NumPyro's pointwise ``log_likelihood`` as one compiled program per model and shapes."""
+
+    def run(samples, fields, client):
+        return numpyro_log_likelihood(model, samples, ModelData(fields, client, num_clients))
+
+    return jax.jit(run)
+
+
 def as_key(key, seed: int, salt: int):
     """A PRNG key from ``key`` (a key, an int seed, or None: ``fold_in(PRNGKey(seed), salt)``)."""
     if key is None:
@@ -333,7 +343,9 @@ class Fit:
         indices = [self.data.index_of(c) for c in ids]
         samples = self._client_indexed_samples(indices)
         batch = _subset_batch(self.data, indices)
-        values = numpyro_log_likelihood(self.model, _flatten_draws(samples), batch)
+        values = _compiled_log_likelihood(self.model, batch.num_clients)(
+            _flatten_draws(samples), batch.fields, batch.client
+        )
         chains, draws = next(iter(self.global_samples.values())).shape[:2]
         return {k: np.asarray(v).reshape(chains, draws, -1) for k, v in values.items()}
 
@@ -351,9 +363,8 @@ class Fit:
         batch = _subset_batch(self.data, indices)
         fields = {k: v for k, v in batch.fields.items() if k not in self.sites.observed.values()}
         samples = _flatten_draws(self._client_indexed_samples(indices))
-        out = Predictive(
-            self.model, posterior_samples=samples, return_sites=list(self.sites.observed)
-        )(self._key(key, 2), ModelData(fields, batch.client, batch.num_clients))
+        predictive = _compiled_predictive(self.model, tuple(self.sites.observed), batch.num_clients)
+        out = predictive(self._key(key, 2), samples, fields, batch.client)
         chains, draws = next(iter(self.global_samples.values())).shape[:2]
         return {k: np.asarray(v).reshape(chains, draws, -1) for k, v in out.items()}
 
