@@ -28,6 +28,7 @@ centralized reference: refit it with the client's rows.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Any
 
@@ -166,6 +167,54 @@ def _adapt_exact(fit, data: ClientData, key):
     )
 
 
+#: rows of a new client are padded to a power of two, at least this many (one compiled step
+#: serves every client of up to that many rows)
+MIN_WIDTH = 16
+#: compiled EP client steps kept (per model, settings and padded shape)
+EP_CACHE_SIZE = 16
+_EP_STEPS: OrderedDict = OrderedDict()
+
+
+def _ep_client_step(model, sites, settings, width: int, spec: tuple, probe: dict):
+    """``(finalize, start, phi_dim)``: the EP client's jitted final step for a new client
+    with rows padded to ``width``, and its starting state (no site: its cavity is the global
+    approximation). Kept for the same model, sites, settings and shapes (``spec``), so that
+    adapting many new clients compiles once; ``probe`` (one client's padded fields) is traced
+    for the model's sites, its values are not kept."""
+    from .engines import ep
+
+    key = (model, sites.global_sites, sites.client_sites, repr(settings), width, spec)
+    if key in _EP_STEPS:
+        _EP_STEPS.move_to_end(key)
+        return _EP_STEPS[key]
+    # the global approximation already holds the whole prior: the new client's tilted
+    # problem holds none of it (prior weight 1/N with N -> infinity)
+    problem = ep.tilted_problem(
+        model, sites, probe, width, num_clients=np.inf, reparam=settings.reparam
+    )
+    algorithm = ep.ep_algorithm(
+        problem,
+        num_clients=1,
+        settings=settings,
+        max_steps=1,
+        keep=sites.global_sites + sites.client_sites,
+        client_sites=sites.client_sites,
+        pair_with_global=False,
+    )
+    stacked = {"fields": {k: v[None] for k, v in probe.items()}, "mask": jnp.ones((1, width))}
+    _, clients = algorithm.init(jax.random.PRNGKey(0), stacked)
+    start = jax.tree_util.tree_map(lambda a: a[0], clients)
+    start = start._replace(
+        site_precision=jnp.zeros_like(start.site_precision),
+        site_shift=jnp.zeros_like(start.site_shift),
+    )
+    entry = (jax.jit(algorithm.client_finalize), start, problem.phi_dim)
+    _EP_STEPS[key] = entry
+    if len(_EP_STEPS) > EP_CACHE_SIZE:
+        _EP_STEPS.popitem(last=False)
+    return entry
+
+
 def _adapt_ep(fit, data: ClientData, key):
     from .engines import ep
     from .fit import Fit, StoredClientSamples, inspect_model
@@ -187,46 +236,23 @@ def _adapt_ep(fit, data: ClientData, key):
         inspect_model(model_for_check, data.batch())
     except KeyError as error:
         raise DataError(f"client {client!r}: missing field {error.args[0]!r}") from None
-    padded, mask = data.padded(dtype=np.float32)
-    client_data = {
-        "fields": {k: jnp.asarray(v) for k, v in padded.items()},
-        "mask": jnp.asarray(mask),
+    size = int(data.sizes[0])
+    width = max(MIN_WIDTH, 1 << (size - 1).bit_length())  # padded: a few compiled widths
+    padded, mask = data.padded(width, dtype=np.float32)
+    one = {
+        "fields": {k: jnp.asarray(v[0]) for k, v in padded.items()},
+        "mask": jnp.asarray(mask[0]),
     }
-    probe = {k: v[0] for k, v in client_data["fields"].items()}
-    # the global approximation already holds the whole prior: the new client's tilted
-    # problem holds none of it (prior weight 1/N with N -> infinity)
-    problem = ep.tilted_problem(
-        model,
-        fit.sites,
-        probe,
-        int(mask.shape[1]),
-        num_clients=np.inf,
-        reparam=settings.reparam,
+    spec = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(one["fields"].items()))
+    finalize, start, phi_dim = _ep_client_step(
+        model, fit.sites, settings, width, spec, one["fields"]
     )
-    if problem.phi_dim != fit.diagnostics.get("phi_dim", problem.phi_dim):
+    if phi_dim != fit.diagnostics.get("phi_dim", phi_dim):
         raise DataError(f"client {client!r}: its rows give the model other global sites")
-    algorithm = ep.ep_algorithm(
-        problem,
-        num_clients=1,
-        settings=settings,
-        max_steps=1,
-        keep=fit.sites.global_sites + fit.sites.client_sites,
-        client_sites=fit.sites.client_sites,
-        pair_with_global=False,
-    )
     bc = ep.final_broadcast(server_state)
-    _, clients = algorithm.init(jax.random.PRNGKey(0), client_data)
-    start = jax.tree_util.tree_map(lambda a: a[0], clients)
-    d = problem.phi_dim
     mean = jnp.linalg.solve(bc.precision, bc.shift)
-    position = start.position.at[:d].set(mean)
-    start = start._replace(
-        site_precision=jnp.zeros_like(start.site_precision),
-        site_shift=jnp.zeros_like(start.site_shift),
-        position=position,
-    )
-    one = jax.tree_util.tree_map(lambda a: a[0], client_data)
-    values = jax.jit(algorithm.client_finalize)(fit._key(key, 12), bc, start, one)
+    start = start._replace(position=start.position.at[:phi_dim].set(mean))
+    values = finalize(fit._key(key, 12), bc, start, one)
     values = {k: np.asarray(v) for k, v in values.items()}
     global_samples = {name: values[name][None] for name in fit.sites.global_sites if name in values}
     client_samples = {

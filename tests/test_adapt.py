@@ -93,38 +93,32 @@ def test_adapt_errors_name_the_client_and_field(radon_without, radon_data, eight
         eight_schools_nuts.adapt("new school", y=[1.0], sigma=[10.0])
 
 
-def test_ep_adapt_agrees_with_the_ep_fit_that_included_the_client():
-    """EP: the new client's tilted inference against q(phi) gives the personal posterior that
-    an EP fit with the client included gives it (that fit's site moves q(phi) by a sixth of
-    the data: 0.2 sd, and 12% of the sd, allowed)."""
+@pytest.mark.slow  # 40 s; the main suite checks ep adapt in closed form (tests/test_ep.py)
+def test_ep_adapt_agrees_with_centralized_nuts(fast):
+    """EP: the new client's tilted inference against q(phi) gives its personal posterior as
+    centralized NUTS on every hospital, the client included, gives it (EP's approximation
+    and Monte Carlo error: 0.3 sd in the mean, 20% in the sd)."""
     from models import hospitals
 
     sim = hospitals.generate(6, seed=2, median_size=100)
     data = sim.train
     target = data.client_ids[-1]
     rest = data.subset(data.client_ids[:-1])
-    options = dict(method="ep", tilted="laplace", num_rounds=8, seed=0)
-    fit = hf.fit(hospitals.partial_pooling, rest, **options)
+    fit = hf.fit(
+        hospitals.partial_pooling, rest, method="ep", tilted="laplace", num_rounds=8, seed=0
+    )
     adapted = fit.adapt(target, **data[target])
-    full = hf.fit(hospitals.partial_pooling, data, **options)
-    index = data.index_of(target)
-    for name in ("alpha", "beta", "u", "v"):
-        mean, sd = full.personal[name][0][index], full.personal[name][1][index]
-        new_mean, new_sd = adapted.personal[name]
-        assert abs(new_mean[0] - mean) < 0.2 * sd, name
-        assert abs(new_sd[0] / sd - 1.0) < 0.12, name
+    reference = hf.fit(hospitals.partial_pooling, data, method="nuts", seed=1, **fast)
+    draws = reference.posterior_samples([target])
+    for name in ("alpha", "beta"):
+        ref = np.asarray(draws[name][:, :, 0], np.float64)
+        mean, sd = adapted.personal[name]
+        assert abs(mean[0] - ref.mean()) < 0.3 * ref.std(), name
+        assert abs(sd[0] / ref.std() - 1.0) < 0.2, name
     # the client's rows narrowed its intercept well below the population's spread (cold start)
     population = np.sqrt(
         fit.global_samples["mu_alpha"].var() + np.mean(fit.global_samples["sigma_alpha"] ** 2)
     )
     assert adapted.personal["alpha"][1][0] < 0.5 * population
     assert adapted.predict(target, score=[0.0, 2.0])["y"].shape == (fit.num_draws, 2)
-    # the client's draws of phi are its tilted ones: q(phi) moved by its own rows, towards
-    # the full fit's; the fit itself is left as it was
-    for name in ("mu_alpha", "mu_beta"):
-        before, after = fit.global_samples[name], adapted.global_samples[name]
-        target_mean = full.global_samples[name].mean()
-        assert abs(after.mean() - target_mean) < abs(before.mean() - target_mean) + 0.05 * (
-            before.std()
-        ), name
-    assert fit.client_ids == rest.client_ids
+    assert fit.client_ids == rest.client_ids  # the fit is left as it was

@@ -69,6 +69,30 @@ def test_exact_on_conjugate_gaussian(gaussian_fit):
     np.testing.assert_allclose(ep_sd, exact_sd, rtol=0.15)
 
 
+def test_adapt_a_new_client_in_closed_form(gaussian_fit):
+    """A client not in the fit adapts against q(mu) with no server round (``Fit.adapt``): in
+    this jointly Gaussian model its posterior is closed form, ``q(mu)`` (exact here) times
+    ``N(theta | mu, tau^2)`` times its likelihood."""
+    data, _, fit = gaussian_fit
+    m0, s0 = _closed_form_mu(data, 1.0, 10.0)
+    y, sigma = np.array([2.5, 1.0, 3.0]), np.array([2.0, 1.0, 2.0])
+    precision = np.array(
+        [[1 / s0**2 + 1.0, -1.0], [-1.0, 1.0 + np.sum(1 / sigma**2)]]
+    )  # over (mu, theta), tau = 1
+    covariance = np.linalg.inv(precision)
+    mean = covariance @ np.array([m0 / s0**2, np.sum(y / sigma**2)])
+    adapted = fit.adapt("newcomer", y=y, sigma=sigma)
+    theta_mean, theta_sd = adapted.personal["theta"]
+    draws = adapted.global_samples["mu"].reshape(-1)
+    se = np.sqrt(covariance[1, 1] / draws.size)
+    assert theta_mean[0] == pytest.approx(mean[1], abs=4 * se + 0.01 * np.sqrt(covariance[1, 1]))
+    assert theta_sd[0] == pytest.approx(np.sqrt(covariance[1, 1]), rel=0.08)
+    assert draws.mean() == pytest.approx(mean[0], abs=4 * np.sqrt(covariance[0, 0] / draws.size))
+    # a second client of another size reuses the compiled step (rows padded to 16)
+    again = fit.adapt("another", y=y[:2], sigma=sigma[:2])
+    assert again.personal["theta"][0].shape == (1,)
+
+
 def test_fit_object_schema(gaussian_fit):
     data, _, fit = gaussian_fit
     idata = fit.to_arviz()

@@ -317,6 +317,8 @@ class EPBroadcast(NamedTuple):
     # always taken from ``precision`` and ``shift``, which the clients' sites sum to
     draw_precision: Any
     draw_shift: Any
+    # bool []: the broadcast the personal posteriors are taken against (:func:`final_broadcast`)
+    final: Any
 
 
 class EPMessage(NamedTuple):
@@ -812,6 +814,31 @@ def _laplace(potential, x0, settings: EPSettings, phi_dim: int, key, num_draws: 
     return _laplace_result(precision, mode, draws, position, scale)
 
 
+def _conditional_laplace_draws(potential, draws, phi_dim: int, fields, mask, key):
+    r"""Redraw the client's own parameters of ``draws`` ``[S, dim]`` (``phi`` first) from
+    their Laplace approximation given each draw of ``phi``: the mode :math:`t^*(\phi_s)` by
+    damped Newton (warm-started at the draw) and the Hessian there. With non-centred client
+    parameters, :math:`\alpha_i = \mu + \sigma u_i`, the conditional mode of ``u`` moves
+    nonlinearly with ``log sigma``; the joint point's linear prediction of it widens the
+    personal posterior (by 10-60% on hospitals with 150-rows clients, against centralized
+    NUTS), this does not. The potential's cavity term depends on ``phi`` only, so it is left
+    out: the conditional is the same.
+    """
+    phis, locals_ = draws[:, :phi_dim], draws[:, phi_dim:]
+    noise = jax.random.normal(key, locals_.shape, locals_.dtype)
+
+    def one(phi, start, z):
+        def inner(t):
+            return potential(jnp.concatenate([phi, t]), fields, mask)
+
+        mode = _newton(inner, start, INNER_NEWTON_STEPS)
+        chol = jnp.linalg.cholesky(_symmetrize(jax.hessian(inner)(mode)))
+        drawn = mode + jax.scipy.linalg.solve_triangular(chol.T, z, lower=False)
+        return jnp.where(jnp.all(jnp.isfinite(drawn)), drawn, start)
+
+    return jnp.concatenate([phis, jax.vmap(one)(phis, locals_, noise)], axis=1)
+
+
 def _laplace_result(precision, mean, draws, position, scale) -> TiltedResult:
     """A Gaussian tilted result: no step size, no divergences, no Stein estimate."""
     return TiltedResult(
@@ -1190,8 +1217,20 @@ def ep_algorithm(
         at the global draws."""
         global_draws = _global_draws(bc, settings.num_samples)
         draws = result.draws
-        phi_tilted, local = draws[:, :d], draws[:, d:]
         fields, mask = data["fields"], data["mask"]
+        if settings.tilted == "laplace" and dim > d:
+            # against the final broadcast only (a cond on the shared flag: the rounds before
+            # skip it), the client's own draws from their Laplace approximation at each
+            # draw of phi rather than from the joint point's linearization
+            draws = jax.lax.cond(
+                bc.final,
+                lambda x: _conditional_laplace_draws(
+                    problem.potential, x, d, fields, mask, jax.random.fold_in(bc.draw_key, 1)
+                ),
+                lambda x: x,
+                draws,
+            )
+        phi_tilted, local = draws[:, :d], draws[:, d:]
         tilted_values = jax.vmap(lambda x: problem.constrain(x, fields, mask))(draws)
         if not pair_with_global:
             return {k: v for k, v in tilted_values.items() if keep is None or k in keep}
@@ -1256,10 +1295,11 @@ def final_broadcast(state: EPServerState) -> EPBroadcast:
         state,
         jnp.where(use, state.average_precision, state.precision),
         jnp.where(use, state.average_shift, state.shift),
+        final=True,
     )
 
 
-def _broadcast(state: EPServerState, draw_precision, draw_shift) -> EPBroadcast:
+def _broadcast(state: EPServerState, draw_precision, draw_shift, final=False) -> EPBroadcast:
     return EPBroadcast(
         state.precision,
         state.shift,
@@ -1268,6 +1308,7 @@ def _broadcast(state: EPServerState, draw_precision, draw_shift) -> EPBroadcast:
         state.draw_key,
         draw_precision,
         draw_shift,
+        jnp.asarray(final),
     )
 
 
