@@ -814,29 +814,49 @@ def _laplace(potential, x0, settings: EPSettings, phi_dim: int, key, num_draws: 
     return _laplace_result(precision, mode, draws, position, scale)
 
 
-def _conditional_laplace_draws(potential, draws, phi_dim: int, fields, mask, key):
-    r"""Redraw the client's own parameters of ``draws`` ``[S, dim]`` (``phi`` first) from
-    their Laplace approximation given each draw of ``phi``: the mode :math:`t^*(\phi_s)` by
-    damped Newton (warm-started at the draw) and the Hessian there. With non-centred client
-    parameters, :math:`\alpha_i = \mu + \sigma u_i`, the conditional mode of ``u`` moves
-    nonlinearly with ``log sigma``; the joint point's linear prediction of it widens the
-    personal posterior (by 10-60% on hospitals with 150-rows clients, against centralized
-    NUTS), this does not. The potential's cavity term depends on ``phi`` only, so it is left
-    out: the conditional is the same.
+def _conditional_laplace_draws(
+    potential, draws, phi_dim: int, position, scale, fields, mask, key, points
+):
+    r"""Redraw the client's own parameters of ``draws`` ``[S, dim]`` (``phi`` first) given
+    each draw of ``phi``, from a Gaussian with the mean and covariance of
+    :math:`p(t \mid \phi_s)`.
+
+    The moments come from Gauss-Hermite quadrature (``points`` per dimension) centred at the
+    joint Gaussian's conditional mean :math:`m(\phi_s)` and scaled by its conditional
+    covariance (the Laplace approximation at ``position``, covariance ``scale scale^T``),
+    each node weighted by the client's exact conditional density: an importance-weighted
+    rule with no inner optimization, so it costs ``points^k`` evaluations of the potential
+    per draw. With non-centred client parameters, :math:`\alpha_i = \mu + \sigma u_i`, the
+    conditional of ``u`` moves nonlinearly with ``log sigma`` and is skewed; the linear
+    conditional alone widens the personal posterior (cbpp: worst client mean 0.20 sd from
+    centralized NUTS, against 0.09 with the quadrature). The cavity term depends on ``phi``
+    only, so it is left out: the conditional is the same.
     """
     phis, locals_ = draws[:, :phi_dim], draws[:, phi_dim:]
+    local_dim = locals_.shape[1]
+    grid, log_weights = (jnp.asarray(a, draws.dtype) for a in quadrature_grid(points, local_dim))
+    joint_precision = _inverse(scale @ scale.T)
+    local_precision = _symmetrize(joint_precision[phi_dim:, phi_dim:])
+    slope = -jnp.linalg.solve(local_precision, joint_precision[phi_dim:, :phi_dim])
+    chol = jnp.linalg.cholesky(local_precision)
+    offsets = jax.scipy.linalg.solve_triangular(chol.T, grid.T, lower=False).T  # [G, k]
     noise = jax.random.normal(key, locals_.shape, locals_.dtype)
 
-    def one(phi, start, z):
-        def inner(t):
-            return potential(jnp.concatenate([phi, t]), fields, mask)
+    def one(phi, z):
+        centre = position[phi_dim:] + slope @ (phi - position[:phi_dim])
+        nodes = centre + offsets
+        values = jax.vmap(lambda t: potential(jnp.concatenate([phi, t]), fields, mask))(nodes)
+        log_terms = log_weights - values + 0.5 * jnp.sum(grid**2, axis=-1)
+        w = jax.nn.softmax(jnp.where(jnp.isfinite(log_terms), log_terms, -jnp.inf))
+        mean = w @ nodes
+        centred = nodes - mean
+        covariance = _symmetrize((centred * w[:, None]).T @ centred)
+        factor = jnp.linalg.cholesky(covariance + 1e-9 * jnp.eye(local_dim, dtype=draws.dtype))
+        drawn = mean + factor @ z
+        fallback = centre + jax.scipy.linalg.solve_triangular(chol.T, z, lower=False)
+        return jnp.where(jnp.all(jnp.isfinite(drawn)), drawn, fallback)
 
-        mode = _newton(inner, start, INNER_NEWTON_STEPS)
-        chol = jnp.linalg.cholesky(_symmetrize(jax.hessian(inner)(mode)))
-        drawn = mode + jax.scipy.linalg.solve_triangular(chol.T, z, lower=False)
-        return jnp.where(jnp.all(jnp.isfinite(drawn)), drawn, start)
-
-    return jnp.concatenate([phis, jax.vmap(one)(phis, locals_, noise)], axis=1)
+    return jnp.concatenate([phis, jax.vmap(one)(phis, noise)], axis=1)
 
 
 def _laplace_result(precision, mean, draws, position, scale) -> TiltedResult:
@@ -1225,7 +1245,15 @@ def ep_algorithm(
             draws = jax.lax.cond(
                 bc.final,
                 lambda x: _conditional_laplace_draws(
-                    problem.potential, x, d, fields, mask, jax.random.fold_in(bc.draw_key, 1)
+                    problem.potential,
+                    x,
+                    d,
+                    result.position,
+                    result.scale,
+                    fields,
+                    mask,
+                    jax.random.fold_in(bc.draw_key, 1),
+                    quadrature_points(dim - d, settings.quadrature_points),
                 ),
                 lambda x: x,
                 draws,
