@@ -9,4 +9,5 @@ __all__ = [
     "sleepstudy",
     "verbagg",
     "insteval",
+    "quality",
 ]
