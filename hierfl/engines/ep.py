@@ -156,6 +156,9 @@ SYMMETRY_TOLERANCE = 1e-3
 #: most Newton steps for a client's own parameters given ``phi`` (Laplace tilted inference;
 #: warm-started, usually a convex problem)
 INNER_NEWTON_STEPS = 20
+#: at most this many Gauss-Hermite points per client dimension for the moments of
+#: ``theta_i | phi`` behind the final personal draws (one set of nodes per draw of ``phi``)
+CONDITIONAL_POINTS = 3
 #: Newton's line search accepts a step that raises the potential by at most this many float
 #: epsilons (relative to the potential's size)
 SEARCH_SLACK = 8.0
@@ -1063,6 +1066,13 @@ def ep_algorithm(
     if settings.tilted not in ("laplace", "nuts", "svi"):
         raise ValueError(f"tilted must be 'laplace', 'nuts' or 'svi', got {settings.tilted!r}")
     d, dim = problem.phi_dim, problem.dim
+    # Gauss-Hermite points per client dimension for the final personal draws (at most
+    # CONDITIONAL_POINTS; none where the tilted inference itself uses the Laplace point)
+    conditional_points = (
+        min(CONDITIONAL_POINTS, quadrature_points(dim - d, settings.quadrature_points))
+        if dim > d
+        else 1
+    )
     max_steps = int(max_steps or settings.num_rounds)
     average_start = _average_start(settings, num_clients)
     powers = jnp.concatenate([2.0 ** -jnp.arange(CAVITY_STEPS), jnp.zeros(1)])
@@ -1238,10 +1248,10 @@ def ep_algorithm(
         global_draws = _global_draws(bc, settings.num_samples)
         draws = result.draws
         fields, mask = data["fields"], data["mask"]
-        if settings.tilted == "laplace" and dim > d:
+        if settings.tilted == "laplace" and conditional_points > 1:
             # against the final broadcast only (a cond on the shared flag: the rounds before
-            # skip it), the client's own draws from their Laplace approximation at each
-            # draw of phi rather than from the joint point's linearization
+            # skip it), the client's own draws from quadrature moments of their conditional
+            # at each draw of phi rather than from the joint point's linearization
             draws = jax.lax.cond(
                 bc.final,
                 lambda x: _conditional_laplace_draws(
@@ -1253,7 +1263,7 @@ def ep_algorithm(
                     fields,
                     mask,
                     jax.random.fold_in(bc.draw_key, 1),
-                    quadrature_points(dim - d, settings.quadrature_points),
+                    conditional_points,
                 ),
                 lambda x: x,
                 draws,
