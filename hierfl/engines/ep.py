@@ -832,7 +832,7 @@ def _conditional_laplace_draws(
     per draw. With non-centred client parameters, :math:`\alpha_i = \mu + \sigma u_i`, the
     conditional of ``u`` moves nonlinearly with ``log sigma`` and is skewed; the linear
     conditional alone widens the personal posterior (cbpp: worst client mean 0.20 sd from
-    centralized NUTS, against 0.09 with the quadrature). The cavity term depends on ``phi``
+    centralized NUTS, against 0.08 with the quadrature). The cavity term depends on ``phi``
     only, so it is left out: the conditional is the same.
     """
     phis, locals_ = draws[:, :phi_dim], draws[:, phi_dim:]
