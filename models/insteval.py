@@ -336,32 +336,27 @@ def check_departments(data: hf.ClientData, num_departments: int = len(DEPARTMENT
     >>> check_departments(bad)
     Traceback (most recent call last):
     ...
-    hierfl.data.DataError: client 'a', field 'dept_index': department index 5 at row 1 differs ...
+    hierfl.data.DataError: the community model: client 'a', field 'dept_index', row 1: differs ...
     """
     data.require(DEPARTMENT_FIELD, context="the community model")
     index = np.asarray(data.fields[DEPARTMENT_FIELD])
-    ids, offsets = data.client_ids, np.concatenate([[0], np.cumsum(data.sizes)])
     if index.ndim != 1:
         raise hf.DataError(f"field {DEPARTMENT_FIELD!r}: expected one value per row")
-    bad = (index != np.round(index)) | (index < 0) | (index >= num_departments)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        client = int(np.searchsorted(offsets, row, side="right") - 1)
-        raise hf.DataError(
-            f"client {ids[client]!r}, field {DEPARTMENT_FIELD!r}: department index "
-            f"{_plain(index[row])!r} at row {row - offsets[client]} is not an integer in "
-            f"0..{num_departments - 1}"
-        )
-    first = np.repeat(index[offsets[:-1]], data.sizes)
-    differs = index != first
-    if differs.any():
-        row = int(np.flatnonzero(differs)[0])
-        client = int(np.searchsorted(offsets, row, side="right") - 1)
-        raise hf.DataError(
-            f"client {ids[client]!r}, field {DEPARTMENT_FIELD!r}: department index "
-            f"{_plain(index[row])!r} at row {row - offsets[client]} differs from "
-            f"{_plain(first[row])!r} at row 0 (a client belongs to one department)"
-        )
+    context = "the community model"
+    valid = (index == np.round(index)) & (index >= 0) & (index < num_departments)
+    data.require_rows(
+        DEPARTMENT_FIELD,
+        valid,
+        f"a department index must be an integer in 0..{num_departments - 1}",
+        context=context,
+    )
+    first = np.repeat(index[np.concatenate([[0], np.cumsum(data.sizes)[:-1]])], data.sizes)
+    data.require_rows(
+        DEPARTMENT_FIELD,
+        index == first,
+        "differs from the client's row 0 (a client belongs to one department)",
+        context=context,
+    )
 
 
 def _department_of_rows(data: hf.ModelData, num_departments: int):

@@ -307,14 +307,14 @@ def test_department_out_of_range_names_the_client_and_field():
     )
     with pytest.raises(
         hf.DataError,
-        match=r"client 'b', field 'dept_index': department index "
-        r"14 at row 0 is not an integer in 0\.\.13",
+        match=r"client 'b', field 'dept_index', row 0: a department index must be an "
+        r"integer in 0\.\.13 \(got 14\)",
     ):
         insteval.check_departments(data)
     with pytest.raises(hf.DataError, match=r"client 'a', field 'dept_index'.* in 0\.\.0"):
         insteval.check_departments(data, num_departments=1)
     half = hf.ClientData.from_dict({7: {"y": [3.0], "dept_index": [2.5]}})
-    with pytest.raises(hf.DataError, match=r"client 7, field 'dept_index': department index 2.5"):
+    with pytest.raises(hf.DataError, match=r"client 7, field 'dept_index', row 0: .*\(got 2.5\)"):
         insteval.check_departments(half)
     missing = hf.ClientData.from_dict({"a": {"y": [3.0]}})
     with pytest.raises(hf.DataError, match="needs field 'dept_index'"):
@@ -327,8 +327,8 @@ def test_department_changing_within_a_client_names_the_client_and_field():
     )
     with pytest.raises(
         hf.DataError,
-        match=r"client 'b', field 'dept_index': department index "
-        r"6 at row 2 differs from 4 at row 0",
+        match=r"client 'b', field 'dept_index', row 2: differs from the client's row 0 "
+        r".*\(got 6\)",
     ):
         insteval.check_departments(data)
 
