@@ -452,8 +452,25 @@ def test_predict_shapes_and_probabilities(small_fit, tmp_path):
     mean, sd = small_fit.personal_posterior("unseen")
     np.testing.assert_array_equal(mean, small_fit.mu)
     np.testing.assert_array_equal(sd, small_fit.tau)
-    adapted = small_fit.adapt(x=x[:5], y=np.array([0, 1, 2, 0, 1]), steps=5)
-    assert small_fit.predict("new", x=x, posterior=adapted)["probs"].shape == (7, CLASSES)
+    labels = np.array([0, 1, 2, 0, 1])
+    adapted = small_fit.adapt("new", x=x[:5], y=labels, steps=5, key=3)
+    assert isinstance(adapted, NeuralFit) and adapted.client_ids == ("new",)
+    np.testing.assert_array_equal(adapted.mu, small_fit.mu)  # the population is unchanged
+    assert small_fit.client_ids == ("c0", "c1", "c2", "c3")  # and so is the fit
+    probs = adapted.predict("new", x=x, key=4)["probs"]
+    assert probs.shape == (7, CLASSES)
+    assert adapted.to_arviz().posterior.sizes["client"] == 1
+    with pytest.warns(FutureWarning, match="deprecated"):
+        mean, sd = small_fit.adapt(x=x[:5], y=labels, steps=5, key=3)
+    np.testing.assert_allclose(mean, adapted.personal_mean[0])  # the same posterior
+    np.testing.assert_allclose(sd, adapted.personal_sd[0])
+    np.testing.assert_allclose(
+        small_fit.predict("new", x=x, key=4, posterior=(mean, sd))["probs"], probs, rtol=1e-6
+    )
+    with pytest.raises(hf.DataError, match="'c0' is already in the fit"):
+        small_fit.adapt("c0", x=x[:5], y=labels)
+    with pytest.raises(hf.DataError, match="client 'new', field 'y'"):
+        small_fit.adapt("new", x=x[:5], y=labels[:4])
     with pytest.raises(hf.DataError, match="'x'"):
         small_fit.predict("c0", x=np.full((2, DIM), np.nan))
     path = small_fit.save(tmp_path / "fit.pkl")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,17 +138,55 @@ class NeuralFit:
         )
         return {"probs": np.asarray(probs)}
 
-    def adapt(self, *, x, y, key=None, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def adapt(
+        self, client: Hashable = None, *, x, y, key=None, steps: int | None = None
+    ) -> NeuralFit | tuple[np.ndarray, np.ndarray]:
         """Cold start: a new client's personal posterior from its few labelled examples,
-        under the learned prior, with no server round (see
-        :func:`hierfl.neural.svi.adapt_personal`). Pass the result as ``posterior=`` to
-        :meth:`predict`."""
-        x = self._check_inputs("new", x)
-        y = np.asarray(y)
-        if y.shape != (x.shape[0],) or y.min() < 0 or y.max() >= self.model.num_classes:
+        under the learned prior ``N(mu, diag tau^2)`` and the shared body, with no server
+        round (:func:`hierfl.neural.svi.adapt_personal`). The fit itself is unchanged.
+
+        Parameters
+        ----------
+        client : hashable
+            The new client's id (not one of :attr:`client_ids`).
+        x : array, ``[rows, *input_shape]``
+        y : int array, ``[rows]``
+            Its labelled rows.
+        key : PRNGKey or int, optional
+        steps : int, optional
+            ELBO steps (default: the fit's ``elbo_steps``).
+
+        Returns
+        -------
+        NeuralFit
+            A fit holding that one client, with the same body and hyperparameters, so
+            :meth:`predict`, :meth:`to_arviz` and :meth:`personal_posterior` work on it, as
+            for :meth:`hierfl.Fit.adapt`. Without ``client`` (the earlier form) the
+            ``(mean, sd)`` of its posterior is returned instead, for ``predict(...,
+            posterior=)``; that form is deprecated.
+
+        Examples
+        --------
+        ``new = fit.adapt("new clinic", x=x[:10], y=y[:10])`` then
+        ``new.predict("new clinic", x=x[10:])["probs"]``.
+        """
+        name = "new" if client is None else client
+        if client is not None and client in self.client_ids:
             raise DataError(
-                f"field {self.model.y_field!r}: expected {x.shape[0]} labels in "
-                f"0..{self.model.num_classes - 1}"
+                f"client {client!r} is already in the fit; adapt is for a client that was not "
+                "(its posterior is fit.personal_posterior(client))"
+            )
+        x = self._check_inputs(name, x)
+        y = np.asarray(y)
+        if (
+            y.shape != (x.shape[0],)
+            or not np.issubdtype(y.dtype, np.integer)
+            or y.min() < 0
+            or y.max() >= self.model.num_classes
+        ):
+            raise DataError(
+                f"client {name!r}, field {self.model.y_field!r}: expected {x.shape[0]} integer "
+                f"labels in 0..{self.model.num_classes - 1}, got shape {y.shape}"
             )
         unravel, _ = self._unravel()
         mean, sd = adapt_personal(
@@ -162,7 +201,22 @@ class NeuralFit:
             settings=self.settings,
             steps=steps,
         )
-        return np.asarray(mean), np.asarray(sd)
+        mean, sd = np.asarray(mean), np.asarray(sd)
+        if client is None:
+            warnings.warn(
+                "fit.adapt(x=, y=) without the new client's id is deprecated: "
+                "fit.adapt(client, x=, y=) returns a NeuralFit for that client",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return mean, sd
+        return replace(
+            self,
+            client_ids=(client,),
+            personal_mean=mean[None],
+            personal_sd=sd[None],
+            diagnostics={"adapted_from": repr(self), "rows": int(x.shape[0])},
+        )
 
     # ------------------------------------------------------------------ log-likelihood
     def _personal_draws(self, num_draws: int, key) -> np.ndarray:
