@@ -106,7 +106,7 @@ def make_model(pooling: str = "partial"):
 
 
 def partial_pooling(data: hf.ModelData):
-    """Partial pooling (the reference configuration): hospital spread learned."""
+    """Partial pooling (the reference configuration): herd spread learned."""
     _cbpp_model(data, "partial")
 
 
