@@ -7,6 +7,7 @@ True
 
 from .api import METHODS, as_client_data, fit
 from .data import ClientData, DataError, ModelData
+from .drift import DriftingNormal
 from .engines import ep as _ep  # noqa: F401  (registers METHODS["ep"]; ep imports the registry)
 from .families import BetaBinomial, ConjugateFamily, GammaPoisson, LinearMixed, NormalNormal
 from .fit import Fit, load_fit
@@ -21,6 +22,7 @@ __all__ = [
     "ClientData",
     "ConjugateFamily",
     "DataError",
+    "DriftingNormal",
     "FederatedAlgorithm",
     "Fit",
     "GammaPoisson",

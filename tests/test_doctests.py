@@ -15,9 +15,10 @@ import models
 #: modules whose doctests another test runs (beside the checks that exercise them), so the
 #: suite does not pay for them twice: ``hierfl.cli``'s example is the 3-client MNIST job of
 #: ``test_cli``; the lme4 models' in ``test_lme4_models``; ``models.quality``'s in
-#: ``test_quality``
+#: ``test_quality``; ``hierfl.drift``'s in ``test_drift``
 RUN_ELSEWHERE = {
     "hierfl.cli",
+    "hierfl.drift",
     "models.sleepstudy",
     "models.verbagg",
     "models.insteval",
