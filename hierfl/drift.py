@@ -186,6 +186,15 @@ class DriftingNormal(ConjugateFamily):
         """Periods must be whole numbers in ``[0, num_periods)``; errors name client, field
         and row."""
         super().check_data(data)
+        self._check_periods(data)
+
+    def check_inputs(self, data) -> None:
+        """New rows for ``predict`` need a valid ``period`` (a period with no rows in the fit
+        is a forecast)."""
+        data.require(self.period, context=type(self).__name__)
+        self._check_periods(data)
+
+    def _check_periods(self, data) -> None:
         name, values = type(self).__name__, data.fields[self.period]
         data.require_rows(
             self.period, values == np.round(values), "must be a whole number", context=name

@@ -118,6 +118,12 @@ class ConjugateFamily:
         """Raise a :class:`~hierfl.data.DataError` naming what the data lack."""
         data.require(*self.required, context=type(self).__name__)
 
+    def check_inputs(self, data) -> None:
+        """Check the input fields of new rows (``Fit.predict``; the response is absent):
+        raise a :class:`~hierfl.data.DataError` naming the client, field and row. The
+        default checks nothing beyond what ``predict`` checks for every model (finite values,
+        equal lengths)."""
+
     def model(self, data: ModelData):
         """The family as a NumPyro model with one client plate (the centralized reference)."""
         phi = self.sample_globals()

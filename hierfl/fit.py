@@ -286,6 +286,9 @@ class Fit:
         (100, 1)
         """
         model_data = self._inputs(client, inputs)
+        family = getattr(self.model, "__self__", None)  # a conjugate family's own checks
+        if hasattr(family, "check_inputs"):
+            family.check_inputs(ClientData.from_dict({client: model_data.fields}))
         samples = _flatten_draws(self.global_samples)
         if client in self.data:
             index = self.data.index_of(client)

@@ -336,3 +336,15 @@ def test_sleepstudy_forecast_runs_and_learns_rho():
     ]
     assert np.isfinite(result.table.to_numpy()).all()
     assert 0.0 < result.rho["lower"] < result.rho["mean"] < result.rho["upper"] < 1.0
+
+
+def test_predict_refuses_a_bad_period_naming_client_field_and_row():
+    data = _bad([0, 1, 2])
+    fit = hf.fit(_family(), data, method="exact", **TINY)
+    assert fit.predict("b", x=[0.0], w=[0.0], period=[NUM_PERIODS - 1])["y"].shape[1] == 1
+    with pytest.raises(hf.DataError, match="client 'b', field 'period', row 1: must lie in"):
+        fit.predict("b", x=[0.0, 0.0], w=[0.0, 0.0], period=[1, NUM_PERIODS])
+    with pytest.raises(hf.DataError, match="client 'new', field 'period', row 0: must be a whole"):
+        fit.predict("new", x=[0.0], w=[0.0], period=[0.5])
+    with pytest.raises(hf.DataError, match="needs field 'period'"):
+        fit.predict("b", x=[0.0], w=[0.0])
