@@ -13,6 +13,7 @@ from .families import BetaBinomial, ConjugateFamily, GammaPoisson, LinearMixed, 
 from .fit import Fit, load_fit
 from .priors import PriorError
 from .protocol import FederatedAlgorithm, simulate
+from .tribes import NormalMixture, membership
 
 __version__ = "0.1.0"
 
@@ -28,10 +29,12 @@ __all__ = [
     "GammaPoisson",
     "LinearMixed",
     "ModelData",
+    "NormalMixture",
     "NormalNormal",
     "PriorError",
     "as_client_data",
     "fit",
     "load_fit",
+    "membership",
     "simulate",
 ]

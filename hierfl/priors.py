@@ -1,4 +1,4 @@
-"""Priors on the global parameters ``phi``, shared by every engine.
+r"""Priors on the global parameters ``phi``, shared by every engine.
 
 A family declares its global parameters with :class:`Parameter` (name, support, shape). The
 user chooses a prior for each with a NumPyro distribution, in one of three forms:
@@ -8,6 +8,14 @@ user chooses a prior for each with a NumPyro distribution, in one of three forms
   model samples ``log_tau`` and records ``tau = exp(log_tau)`` as a deterministic site;
 * ``{"tau": 0.0}`` — a fixed value: the parameter is not inferred (this is how the pooling
   spectrum is written: ``tau = 0`` is complete pooling, a large ``tau`` no pooling).
+
+Supports: ``"real"``, ``"positive"``, ``"unit"`` (the open interval (0, 1)), ``"simplex"``
+(a probability vector, e.g. mixture weights under a ``Dirichlet`` prior) and ``"ordered"``
+(a strictly increasing vector, e.g. the component means of a mixture, ordered to remove label
+switching). An ``"ordered"`` parameter takes either a distribution on
+``constraints.ordered_vector`` or a univariate real prior ``p``, read as the prior of
+:math:`K` exchangeable values relabelled in increasing order (:class:`OrderStatistics`:
+density :math:`K!\prod_k p(x_k)` on :math:`x_1 < \dots < x_K`).
 
 :func:`sample_globals` turns the resolved priors into NumPyro sample sites. Every engine of a
 family (exact, ep, nuts) calls it, so they all infer the same model.
@@ -22,9 +30,21 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from jax.scipy.special import gammaln
 from numpyro.distributions import constraints
 
-__all__ = ["Parameter", "PriorError", "ResolvedPrior", "resolve_priors", "sample_globals"]
+__all__ = [
+    "OrderStatistics",
+    "Parameter",
+    "PriorError",
+    "ResolvedPrior",
+    "resolve_priors",
+    "sample_globals",
+]
+
+#: tolerance of the sum of a fixed ``"simplex"`` value (weights given in float32 sum to 1
+#: within a few units of 1e-7)
+SIMPLEX_TOLERANCE = 1e-6
 
 
 class PriorError(ValueError):
@@ -38,7 +58,9 @@ class Parameter(NamedTuple):
     ----------
     name : str
     support : str
-        ``"real"``, ``"positive"`` or ``"unit"`` (the open interval (0, 1)).
+        ``"real"``, ``"positive"``, ``"unit"`` (the open interval (0, 1)), ``"simplex"``
+        (non-negative, summing to one) or ``"ordered"`` (strictly increasing); the last two
+        are vectors.
     shape : tuple of int
         Event shape (``()`` for a scalar).
     """
@@ -56,6 +78,53 @@ class ResolvedPrior(NamedTuple):
     distribution: Any
     value: Any
     log_scale: bool
+
+
+class OrderStatistics(dist.Distribution):
+    r"""The :math:`K` order statistics of :math:`K` independent draws of a univariate ``base``.
+
+    .. math::
+        p(x_1, \dots, x_K) = K! \prod_{k=1}^K p_{base}(x_k),\qquad x_1 < \dots < x_K
+
+    It is the prior "the :math:`K` values are exchangeable draws of ``base``", with the labels
+    assigned in increasing order; a mixture's component means under it are identifiable (no
+    label switching). Its support is ``constraints.ordered_vector``, so NUTS runs on it through
+    NumPyro's ``OrderedTransform``.
+
+    Parameters
+    ----------
+    base : numpyro.distributions.Distribution
+        Univariate, real support, no batch shape.
+    size : int
+        :math:`K`.
+
+    Examples
+    --------
+    >>> import jax, numpyro.distributions as dist
+    >>> prior = OrderStatistics(dist.Normal(0.0, 1.0), 3)
+    >>> prior.event_shape
+    (3,)
+    >>> bool((jax.numpy.diff(prior.sample(jax.random.PRNGKey(0))) > 0).all())
+    True
+    """
+
+    support = constraints.ordered_vector
+    pytree_data_fields = ("base",)
+    pytree_aux_fields = ("size",)
+
+    def __init__(self, base, size: int, *, validate_args=None):
+        self.base, self.size = base, int(size)
+        super().__init__(batch_shape=(), event_shape=(self.size,), validate_args=validate_args)
+
+    def sample(self, key, sample_shape=()):
+        draws = self.base.expand(tuple(sample_shape) + (self.size,)).sample(key)
+        return jnp.sort(draws, axis=-1)
+
+    def log_prob(self, value):
+        value = jnp.asarray(value)
+        ordered = jnp.all(jnp.diff(value, axis=-1) > 0, axis=-1)
+        log_density = gammaln(self.size + 1.0) + jnp.sum(self.base.log_prob(value), axis=-1)
+        return jnp.where(ordered, log_density, -jnp.inf)
 
 
 def _bounds(support) -> tuple[float, float] | None:
@@ -81,6 +150,8 @@ def _bounds(support) -> tuple[float, float] | None:
 
 
 _NEEDED = {"real": (-np.inf, np.inf), "positive": (0.0, np.inf), "unit": (0.0, 1.0)}
+#: vector supports, checked by their NumPyro constraint rather than by bounds
+_VECTOR_SUPPORTS = {"simplex": constraints.simplex, "ordered": constraints.ordered_vector}
 
 
 def _check_support(name: str, support_name: str, prior) -> None:
@@ -89,6 +160,19 @@ def _check_support(name: str, support_name: str, prior) -> None:
             f"prior for {name!r} is discrete ({type(prior).__name__}, support "
             f"{prior.support}) but {name!r} is a continuous parameter"
         )
+    if support_name in _VECTOR_SUPPORTS:
+        if prior.support is not _VECTOR_SUPPORTS[support_name]:
+            hint = (
+                "; give a univariate real prior (its draws are sorted: OrderStatistics) or a "
+                "distribution on constraints.ordered_vector"
+                if support_name == "ordered"
+                else "; use a Dirichlet prior"
+            )
+            raise PriorError(
+                f"prior for {name!r} has support {prior.support} but {name!r} must be "
+                f"{support_name}{hint}"
+            )
+        return
     bounds = _bounds(prior.support)
     needed = _NEEDED[support_name]
     if bounds is None or bounds[0] < needed[0] or bounds[1] > needed[1]:
@@ -188,19 +272,50 @@ def resolve_priors(
             continue
         prior = user[p.name] if plain else defaults[p.name]
         if isinstance(prior, dist.Distribution):
+            prior = _ordered_from_univariate(p, prior)
             _check_support(p.name, p.support, prior)
             resolved.append(ResolvedPrior(p, p.name, _shaped(p.name, prior, p.shape), None, False))
             continue
         value = _fixed_value(p, prior)
-        lower, upper = _NEEDED[p.support]
         if not np.all(np.isfinite(value)):
             raise PriorError(f"fixed value of {p.name!r} must be finite, got {prior!r}")
+        if p.support in _VECTOR_SUPPORTS:
+            _check_fixed_vector(p, value, prior)
+            resolved.append(ResolvedPrior(p, None, None, value, False))
+            continue
+        lower, upper = _NEEDED[p.support]
         if p.support == "positive" and np.any(value < 0):
             raise PriorError(f"fixed value of {p.name!r} must be >= 0, got {prior!r}")
         if p.support == "unit" and np.any((value <= lower) | (value >= upper)):
             raise PriorError(f"fixed value of {p.name!r} must lie in (0, 1), got {prior!r}")
         resolved.append(ResolvedPrior(p, None, None, value, False))
     return tuple(resolved)
+
+
+def _ordered_from_univariate(parameter: Parameter, prior):
+    """A univariate real prior on an ``"ordered"`` parameter, as its :class:`OrderStatistics`."""
+    if (
+        parameter.support == "ordered"
+        and len(parameter.shape) == 1
+        and not prior.support.is_discrete
+        and prior.event_shape == ()
+        and prior.batch_shape == ()
+        and _bounds(prior.support) == _NEEDED["real"]
+    ):
+        return OrderStatistics(prior, parameter.shape[0])
+    return prior
+
+
+def _check_fixed_vector(parameter: Parameter, value: np.ndarray, given) -> None:
+    """A fixed ``"simplex"`` or ``"ordered"`` value lies in its support."""
+    name = parameter.name
+    if parameter.support == "simplex":
+        if np.any(value < 0) or abs(float(np.sum(value)) - 1.0) > SIMPLEX_TOLERANCE:
+            raise PriorError(
+                f"fixed value of {name!r} must be non-negative and sum to 1, got {given!r}"
+            )
+    elif np.any(np.diff(value) <= 0):
+        raise PriorError(f"fixed value of {name!r} must be strictly increasing, got {given!r}")
 
 
 def sample_globals(priors: tuple[ResolvedPrior, ...]) -> dict[str, Any]:

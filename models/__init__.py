@@ -10,4 +10,5 @@ __all__ = [
     "verbagg",
     "insteval",
     "quality",
+    "tribes",
 ]

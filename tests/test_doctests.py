@@ -15,10 +15,12 @@ import models
 #: modules whose doctests another test runs (beside the checks that exercise them), so the
 #: suite does not pay for them twice: ``hierfl.cli``'s example is the 3-client MNIST job of
 #: ``test_cli``; the lme4 models' in ``test_lme4_models``; ``models.quality``'s in
-#: ``test_quality``; ``hierfl.drift``'s in ``test_drift``
+#: ``test_quality``; ``hierfl.drift``'s in ``test_drift``; the tribes modules' in ``test_tribes``
 RUN_ELSEWHERE = {
     "hierfl.cli",
     "hierfl.drift",
+    "hierfl.tribes",
+    "models.tribes",
     "models.sleepstudy",
     "models.verbagg",
     "models.insteval",
