@@ -439,3 +439,23 @@ def test_the_demonstration_runs_at_tiny_size():
     assert list(frame["model"]) == ["complete pooling", "one Gaussian", "tribes"]
     assert np.all(np.isfinite(frame[["heldout_rmse", "heldout_lpd", "theta_rmse"]]))
     assert frame["membership_accuracy"].notna().sum() == 1
+
+
+@pytest.mark.slow
+def test_federated_ep_fits_the_tribes_close_to_the_exact_posterior(mixture_family, separated):
+    """EP (Laplace tilted inference, message passing on any NumPyro model) on the mixture's
+    model agrees with the exact engine: weights and tribe means within 0.25 posterior sd, the
+    tribes' spreads within 0.5 sd (Laplace EP puts a skewed scale near its mode), and every
+    client's theta within 0.25 sd and its sd within 25%."""
+    exact = hf.fit(mixture_family, separated.train, method="exact", seed=3, num_samples=2000)
+    ep = hf.fit(mixture_family, separated.train, method="ep", tilted="laplace", seed=3)
+    for name, tolerance in (("weights", 0.25), ("mu", 0.25), ("tau", 0.5)):
+        reference = np.asarray(exact.global_samples[name], np.float64).reshape(-1, 2)
+        approximate = np.asarray(ep.global_samples[name], np.float64).reshape(-1, 2)
+        shift = np.abs(approximate.mean(0) - reference.mean(0)) / reference.std(0)
+        assert np.all(shift < tolerance), (name, shift)
+    reference = exact.personal_summary()
+    approximate = ep.personal_summary()
+    shift = np.abs(approximate["theta_mean"] - reference["theta_mean"]) / reference["theta_sd"]
+    assert shift.max() < 0.25, shift.max()
+    np.testing.assert_allclose(approximate["theta_sd"], reference["theta_sd"], rtol=0.25)
