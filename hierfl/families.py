@@ -35,7 +35,7 @@ import numpyro.distributions as dist
 from jax.scipy.special import betaln, gammaln
 
 from .data import ModelData
-from .priors import Parameter, resolve_priors, sample_globals
+from .priors import Parameter, PriorError, resolve_priors, sample_globals
 
 __all__ = [
     "BetaBinomial",
@@ -46,6 +46,14 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
+#: added to the diagonal of a conditional covariance of several random effects: it stays
+#: positive definite where a spread is 0 (complete pooling; an sd of 1e-5 in those units)
+CONDITIONAL_JITTER = 1e-10
+#: concentration of :class:`LinearMixed`'s default LKJ prior on the random effects'
+#: correlation, density proportional to :math:`\det(\Omega)^{\eta - 1}`: 2 mildly favours weak
+#: correlations over strong ones (the weakly informative default of Stan's manual and
+#: brms; 1 is uniform over correlation matrices)
+LKJ_CONCENTRATION = 2.0
 
 
 class ConjugateFamily:
@@ -279,6 +287,27 @@ class LinearMixed(ConjugateFamily):
     statistics :math:`n, y^\top y, X^\top y, X^\top X, Z^\top y, Z^\top X, Z^\top Z` with the
     Woodbury identity, in a form that stays exact at :math:`\tau = 0` (complete pooling).
 
+    **Correlated random effects** (``correlated=True``; lme4's ``(x | g)``, where the default
+    is lme4's ``(x || g)``):
+
+    .. math::
+        b_i \sim N(0, G),\quad G = \mathrm{diag}(\tau)\,\Omega\,\mathrm{diag}(\tau),\quad
+        \Omega = L L^\top,\quad L \sim \mathrm{LKJCholesky}(q, \eta)
+
+    with :math:`L` the lower Cholesky factor of the correlation matrix :math:`\Omega` (global
+    site ``correlation_cholesky``; :math:`\Omega` is recorded as the deterministic site
+    ``correlation``, both on dims ``effect_row`` x ``effect_column``). With the factor
+    :math:`F = \mathrm{diag}(\tau) L` (so :math:`G = F F^\top`) and :math:`r_i = y_i - X_i
+    \beta`, the Woodbury identity gives
+
+    .. math::
+        \log p(y_i \mid \phi) = -\tfrac12\Big(n_i \log 2\pi\sigma^2 + \log\det M_i
+            + \frac{r_i^\top r_i}{\sigma^2} - \frac{c_i^\top M_i^{-1} c_i}{\sigma^4}\Big),
+        \quad M_i = I + \frac{F^\top Z_i^\top Z_i F}{\sigma^2},\quad c_i = F^\top Z_i^\top r_i
+
+    and :math:`b_i \mid \phi, y_i = F u_i`, :math:`u_i \sim N(M_i^{-1} c_i / \sigma^2,
+    M_i^{-1})`. The diagonal model is the case :math:`L = I`.
+
     Parameters
     ----------
     response : str
@@ -289,9 +318,13 @@ class LinearMixed(ConjugateFamily):
     priors : dict, optional
         On ``beta`` (default ``Normal(0, 10)`` per coefficient), ``sigma`` (``HalfNormal(5)``)
         and ``tau`` (``HalfNormal(5)`` per random effect), or their ``log_`` forms; a number
-        fixes the parameter.
+        fixes the parameter. With ``correlated=True`` also on ``correlation_cholesky``
+        (default ``LKJCholesky(q, 2.0)``, :data:`LKJ_CONCENTRATION`; a fixed value is a lower
+        Cholesky factor of a correlation matrix, e.g. ``numpy.eye(q)``).
     client_site : str
         Name of :math:`b_i` in the posterior.
+    correlated : bool
+        Correlated random effects (above); needs at least two of them.
 
     Examples
     --------
@@ -299,7 +332,16 @@ class LinearMixed(ConjugateFamily):
     >>> family = hf.LinearMixed(response="log_radon", fixed=["floor"], priors={"tau": 0.0})
     >>> family.coefficient_names
     ['intercept', 'floor']
+    >>> hf.LinearMixed(fixed=["x"], random=["x"], correlated=True).global_sites
+    ('beta', 'sigma', 'tau', 'correlation_cholesky')
     """
+
+    #: the global site of the correlation's lower Cholesky factor (``correlated=True``)
+    correlation_cholesky_site = "correlation_cholesky"
+    #: the deterministic site of the correlation matrix (``correlated=True``)
+    correlation_site = "correlation"
+    #: ArviZ dims of the (effect x effect) correlation and its Cholesky factor
+    correlation_dims = ("effect_row", "effect_column")
 
     def __init__(
         self,
@@ -311,8 +353,10 @@ class LinearMixed(ConjugateFamily):
         random_intercept: bool = True,
         priors=None,
         client_site: str = "b",
+        correlated: bool = False,
     ):
         self.observed, self.client_site = response, client_site
+        self.correlated = bool(correlated)
         self.fixed, self.random = tuple(fixed), tuple(random)
         self.intercept, self.random_intercept = intercept, random_intercept
         self.coefficient_names = (["intercept"] if intercept else []) + list(self.fixed)
@@ -321,7 +365,19 @@ class LinearMixed(ConjugateFamily):
             raise ValueError("LinearMixed needs an intercept or at least one fixed field")
         if not self.effect_names:
             raise ValueError("LinearMixed needs a random intercept or at least one random field")
+        if self.correlated and len(self.effect_names) < 2:
+            raise ValueError(
+                f"LinearMixed(correlated=True) needs at least two random effects; this model "
+                f"has one ({self.effect_names[0]!r}), so there is no correlation to model: "
+                "leave correlated out, or add a random field (random=[...])"
+            )
         self.required = (response, *self.fixed, *self.random)
+        if not self.correlated and isinstance(priors, Mapping):
+            if self.correlation_cholesky_site in priors:
+                raise PriorError(
+                    f"prior for {self.correlation_cholesky_site!r}: the random effects are "
+                    "uncorrelated unless LinearMixed(..., correlated=True)"
+                )
         super().__init__(priors)
 
     @property
@@ -334,31 +390,53 @@ class LinearMixed(ConjugateFamily):
 
     def parameters(self):
         q = self.num_effects
-        return (
+        parameters = (
             Parameter("beta", "real", (self.num_coefficients,)),
             Parameter("sigma", "positive"),
             Parameter("tau", "positive", () if q == 1 else (q,)),
         )
+        if self.correlated:
+            parameters += (Parameter(self.correlation_cholesky_site, "corr_cholesky", (q, q)),)
+        return parameters
 
     def default_priors(self):
-        return {
+        priors = {
             "beta": dist.Normal(0.0, 10.0),
             "sigma": dist.HalfNormal(5.0),
             "tau": dist.HalfNormal(5.0),
         }
+        if self.correlated:
+            priors[self.correlation_cholesky_site] = dist.LKJCholesky(
+                self.num_effects, LKJ_CONCENTRATION
+            )
+        return priors
 
     def dims(self):
         dims = {"beta": ["coef"]}
         if self.num_effects > 1:
             dims["tau"] = ["effect"]
             dims[self.client_site] = ["client", "effect"]
+        if self.correlated:
+            dims[self.correlation_cholesky_site] = list(self.correlation_dims)
+            dims[self.correlation_site] = list(self.correlation_dims)
         return dims
 
     def coords(self):
         coords = {"coef": self.coefficient_names}
         if self.num_effects > 1:
             coords["effect"] = self.effect_names
+        if self.correlated:
+            coords.update(dict.fromkeys(self.correlation_dims, self.effect_names))
         return coords
+
+    def sample_globals(self):
+        r"""Sample ``phi``; with ``correlated=True`` and an inferred correlation, also record
+        :math:`\Omega = L L^\top` as the deterministic site ``correlation``."""
+        phi = super().sample_globals()
+        if self.correlated and self.correlation_cholesky_site in self.global_sites:
+            cholesky = phi[self.correlation_cholesky_site]
+            numpyro.deterministic(self.correlation_site, cholesky @ jnp.swapaxes(cholesky, -1, -2))
+        return phi
 
     def _design(self, fields, rows):
         """Fixed and random design matrices from per-row fields; ``rows`` is any per-row array
@@ -388,12 +466,28 @@ class LinearMixed(ConjugateFamily):
     def _scales(self, phi):
         return jnp.broadcast_to(phi["tau"], (self.num_effects,))
 
+    def covariance_factor(self, phi):
+        r"""The random effects' covariance factor :math:`F`, :math:`G = F F^\top`, ``[q, q]``:
+        :math:`\mathrm{diag}(\tau) L` (``correlated=True``), else :math:`\mathrm{diag}(\tau)`."""
+        d = self._scales(phi)
+        if not self.correlated:
+            return jnp.diag(d)
+        return d[:, None] * phi[self.correlation_cholesky_site]
+
     def _woodbury(self, phi, stats):
         """Cholesky of M = I + D Z'Z D / sigma^2 and c = D Z'r, with r = y - X beta.
 
         With one random effect M is a scalar and the Cholesky factor its square root; the
-        scalar path avoids a batched 1x1 LAPACK call per client.
+        scalar path avoids a batched 1x1 LAPACK call per client. With correlated effects D is
+        the factor F = diag(tau) L: M = I + F'Z'Z F / sigma^2, c = F'Z'r (and F is returned
+        in place of the scales).
         """
+        if self.correlated:
+            factor = self.covariance_factor(phi)
+            s2 = phi["sigma"] ** 2
+            c = factor.T @ (stats["zy"] - stats["zx"] @ phi["beta"])
+            m = jnp.eye(self.num_effects) + factor.T @ stats["zz"] @ factor / s2
+            return jnp.linalg.cholesky(m), c, s2, factor
         d = self._scales(phi)
         s2 = phi["sigma"] ** 2
         c = d * (stats["zy"] - stats["zx"] @ phi["beta"])
@@ -442,12 +536,19 @@ class LinearMixed(ConjugateFamily):
         beta, s2 = phi["beta"], phi["sigma"] ** 2
         d = self._scales(phi)
         rr = server_stats["yy"] - 2.0 * beta @ server_stats["xy"] + beta @ server_stats["xx"] @ beta
-        c = d * (server_stats["zy"] - server_stats["zx"] @ beta)  # [clients, q]
-        if self.num_effects == 1:
+        residual = server_stats["zy"] - server_stats["zx"] @ beta  # Z_i'r_i, [clients, q]
+        if self.num_effects == 1:  # scalar M_i (correlated needs two effects)
+            c = d * residual
             m = 1.0 + d[0] ** 2 * server_stats["zz"][:, 0, 0] / s2
             per_client = jnp.log(m) - c[:, 0] ** 2 / (m * s2**2)
         else:
-            m = jnp.eye(self.num_effects) + d[:, None] * server_stats["zz"] * d[None, :] / s2
+            if self.correlated:  # F = diag(tau) L: c_i = F' Z_i'r_i, M_i = I + F'Z_i'Z_i F / s2
+                factor = self.covariance_factor(phi)
+                c = residual @ factor
+                m = jnp.eye(self.num_effects) + factor.T @ server_stats["zz"] @ factor / s2
+            else:
+                c = d * residual
+                m = jnp.eye(self.num_effects) + d[:, None] * server_stats["zz"] * d[None, :] / s2
             chol = jnp.linalg.cholesky(m)
             v = jax.scipy.linalg.solve_triangular(chol, c[..., None], lower=True)[..., 0]
             per_client = (
@@ -459,6 +560,14 @@ class LinearMixed(ConjugateFamily):
 
     def conditional(self, phi, stats):
         chol, c, s2, d = self._woodbury(phi, stats)
+        if self.correlated:  # b = F u with u | y ~ N(M^{-1} c / sigma^2, M^{-1}); d is F
+            mean_u = jax.scipy.linalg.cho_solve((chol, True), c) / s2
+            inv_chol = jax.scipy.linalg.solve_triangular(
+                chol, jnp.eye(self.num_effects), lower=True
+            )
+            root = d @ inv_chol.T  # F M^{-1} F' = root root'
+            jitter = CONDITIONAL_JITTER * jnp.eye(self.num_effects)
+            return dist.MultivariateNormal(d @ mean_u, covariance_matrix=root @ root.T + jitter)
         if self.num_effects == 1:
             m = chol[0, 0] ** 2
             return dist.Normal(d[0] * c[0] / (m * s2), d[0] / chol[0, 0])
@@ -466,10 +575,13 @@ class LinearMixed(ConjugateFamily):
         mean_u = jax.scipy.linalg.cho_solve((chol, True), c) / s2
         inv_chol = jax.scipy.linalg.solve_triangular(chol, jnp.eye(self.num_effects), lower=True)
         covariance = d[:, None] * (inv_chol.T @ inv_chol) * d[None, :]
-        jitter = 1e-10 * jnp.eye(self.num_effects)
+        jitter = CONDITIONAL_JITTER * jnp.eye(self.num_effects)
         return dist.MultivariateNormal(d * mean_u, covariance_matrix=covariance + jitter)
 
     def prior(self, phi):
+        if self.correlated:
+            q = self.num_effects
+            return dist.MultivariateNormal(jnp.zeros(q), scale_tril=self.covariance_factor(phi))
         d = self._scales(phi)
         if self.num_effects == 1:
             return dist.Normal(0.0, d[0])
@@ -496,14 +608,30 @@ class LinearMixed(ConjugateFamily):
                     else (data.num_clients, self.num_effects)
                 )
                 theta = numpyro.deterministic(self.client_site, jnp.zeros(shape))
+            elif self.correlated:
+                theta = numpyro.sample(self.client_site, self._affine_prior(phi))
             else:
                 theta = numpyro.sample(self.client_site, self.prior(phi))
         numpyro.deterministic("mu", self.mean(phi, theta, data))
         self._observe(phi, theta, data)
 
-    def reparam_config(self):
-        from numpyro.infer.reparam import LocScaleReparam
+    def _affine_prior(self, phi):
+        """:meth:`prior` of correlated effects written as ``b = F u``, ``u ~ N(0, I)``: the
+        same distribution, in the form NumPyro's ``TransformReparam`` makes non-centred."""
+        q = self.num_effects
+        return dist.TransformedDistribution(
+            dist.Normal(jnp.zeros(q), 1.0).to_event(1),
+            dist.transforms.LowerCholeskyAffine(jnp.zeros(q), self.covariance_factor(phi)),
+        )
 
+    def reparam_config(self):
+        """Non-centred random effects for NUTS: ``b = D u`` (``LocScaleReparam``; site
+        ``<client_site>_decentered``), or with ``correlated=True`` ``b = F u``
+        (``TransformReparam``; site ``<client_site>_base``), ``u ~ N(0, I)``."""
+        from numpyro.infer.reparam import LocScaleReparam, TransformReparam
+
+        if self.correlated:
+            return {self.client_site: TransformReparam()}
         return {self.client_site: LocScaleReparam(centered=0)}
 
 

@@ -17,6 +17,10 @@ switching). An ``"ordered"`` parameter takes either a distribution on
 :math:`K` exchangeable values relabelled in increasing order (:class:`OrderStatistics`:
 density :math:`K!\prod_k p(x_k)` on :math:`x_1 < \dots < x_K`).
 
+A ``"corr_cholesky"`` parameter is a matrix: the lower Cholesky factor :math:`L` of a
+correlation matrix :math:`\Omega = L L^\top` (e.g. of a linear mixed model's random effects),
+under an ``LKJCholesky`` prior or fixed (``numpy.eye(q)``: uncorrelated).
+
 :func:`sample_globals` turns the resolved priors into NumPyro sample sites. Every engine of a
 family (exact, ep, nuts) calls it, so they all infer the same model.
 """
@@ -60,7 +64,8 @@ class Parameter(NamedTuple):
     support : str
         ``"real"``, ``"positive"``, ``"unit"`` (the open interval (0, 1)), ``"simplex"``
         (non-negative, summing to one) or ``"ordered"`` (strictly increasing); the last two
-        are vectors.
+        are vectors. ``"corr_cholesky"``: a matrix, the lower Cholesky factor of a
+        correlation matrix.
     shape : tuple of int
         Event shape (``()`` for a scalar).
     """
@@ -152,6 +157,12 @@ def _bounds(support) -> tuple[float, float] | None:
 _NEEDED = {"real": (-np.inf, np.inf), "positive": (0.0, np.inf), "unit": (0.0, 1.0)}
 #: vector supports, checked by their NumPyro constraint rather than by bounds
 _VECTOR_SUPPORTS = {"simplex": constraints.simplex, "ordered": constraints.ordered_vector}
+#: matrix supports, checked by their NumPyro constraint: the lower Cholesky factor of a
+#: correlation matrix (lower triangular, positive diagonal, rows of unit length)
+_MATRIX_SUPPORTS = {"corr_cholesky": constraints.corr_cholesky}
+#: tolerance of the unit row lengths of a fixed ``"corr_cholesky"`` value (as NumPyro's
+#: ``constraints.corr_cholesky``)
+UNIT_NORM_TOLERANCE = 1e-6
 
 
 def _check_support(name: str, support_name: str, prior) -> None:
@@ -160,6 +171,13 @@ def _check_support(name: str, support_name: str, prior) -> None:
             f"prior for {name!r} is discrete ({type(prior).__name__}, support "
             f"{prior.support}) but {name!r} is a continuous parameter"
         )
+    if support_name in _MATRIX_SUPPORTS:
+        if prior.support is not _MATRIX_SUPPORTS[support_name]:
+            raise PriorError(
+                f"prior for {name!r} has support {prior.support} but {name!r} must be the "
+                "Cholesky factor of a correlation matrix; use an LKJCholesky prior"
+            )
+        return
     if support_name in _VECTOR_SUPPORTS:
         if prior.support is not _VECTOR_SUPPORTS[support_name]:
             hint = (
@@ -279,6 +297,10 @@ def resolve_priors(
         value = _fixed_value(p, prior)
         if not np.all(np.isfinite(value)):
             raise PriorError(f"fixed value of {p.name!r} must be finite, got {prior!r}")
+        if p.support in _MATRIX_SUPPORTS:
+            _check_fixed_correlation_cholesky(p, value, prior)
+            resolved.append(ResolvedPrior(p, None, None, value, False))
+            continue
         if p.support in _VECTOR_SUPPORTS:
             _check_fixed_vector(p, value, prior)
             resolved.append(ResolvedPrior(p, None, None, value, False))
@@ -316,6 +338,19 @@ def _check_fixed_vector(parameter: Parameter, value: np.ndarray, given) -> None:
             )
     elif np.any(np.diff(value) <= 0):
         raise PriorError(f"fixed value of {name!r} must be strictly increasing, got {given!r}")
+
+
+def _check_fixed_correlation_cholesky(parameter: Parameter, value: np.ndarray, given) -> None:
+    """A fixed ``"corr_cholesky"`` value is the lower Cholesky factor of a correlation matrix."""
+    lower = np.all(np.triu(value, 1) == 0)
+    positive = np.all(np.diagonal(value, axis1=-2, axis2=-1) > 0)
+    unit_rows = np.all(np.abs(np.linalg.norm(value, axis=-1) - 1.0) <= UNIT_NORM_TOLERANCE)
+    if not (lower and positive and unit_rows):
+        raise PriorError(
+            f"fixed value of {parameter.name!r} must be the lower Cholesky factor of a "
+            "correlation matrix (lower triangular, positive diagonal, rows of length 1; e.g. "
+            f"numpy.eye({parameter.shape[-1]}) for uncorrelated effects), got {given!r}"
+        )
 
 
 def sample_globals(priors: tuple[ResolvedPrior, ...]) -> dict[str, Any]:

@@ -11,18 +11,21 @@ random slope on ``Days`` per subject:
     b_{ik} \sim N(0, \tau_k^2),\quad \varepsilon_{ij} \sim N(0, \sigma^2)
 
 with weakly informative priors on the millisecond scale (:data:`PRIORS`).
-:class:`hierfl.LinearMixed` gives the random effects a *diagonal* covariance, so the
-reference model is lme4's ``Reaction ~ Days + (Days || Subject)`` (uncorrelated intercept
-and slope), not ``(Days | Subject)``; lme4 estimates their correlation at 0.07 (REML), so
-little is lost.
+The reference model gives the random effects a *diagonal* covariance: it is lme4's
+``Reaction ~ Days + (Days || Subject)`` (uncorrelated intercept and slope).
+``family(correlated=True)`` is lme4's default ``Reaction ~ Days + (Days | Subject)``:
+:math:`(b_{i0}, b_{i1}) \sim N(0, \mathrm{diag}(\tau)\,\Omega\,\mathrm{diag}(\tau))` with an
+``LKJCholesky(2, 2)`` prior on the correlation's Cholesky factor; lme4 estimates the
+correlation at 0.066 (REML), so little is lost by the diagonal reference.
 ``family(slopes=False)`` is the random-intercept model ``Reaction ~ Days + (1 | Subject)``.
 
 Published lme4 REML estimates (:data:`LME4`; reproduced by a direct REML computation on the
-bundled file): fixed effects 251.405 (intercept) and 10.467 (Days) for both models;
+bundled file): fixed effects 251.405 (intercept) and 10.467 (Days) for all three models;
 ``(1 | Subject)``: subject sd 37.124, residual sd 30.991; ``(Days || Subject)``: intercept
-sd 25.051, slope sd 5.988, residual sd 25.565. The design is balanced (every subject on the
-same ten days), so the generalized least-squares fixed effects equal ordinary least squares
-whatever the variance components.
+sd 25.051, slope sd 5.988, residual sd 25.565; ``(Days | Subject)``: intercept sd 24.741,
+slope sd 5.922, correlation 0.066, residual sd 25.592. The design is balanced (every subject
+on the same ten days), so the generalized least-squares fixed effects equal ordinary least
+squares whatever the variance components.
 
 The pooling spectrum (:func:`spectrum`), on the reference (random slope) model:
 
@@ -53,6 +56,8 @@ Examples
 (18, 180, [10])
 >>> sleepstudy.family().effect_names
 ['intercept', 'Days']
+>>> sleepstudy.family(correlated=True).global_sites
+('beta', 'sigma', 'tau', 'correlation_cholesky')
 >>> sleepstudy.drift().num_periods
 10
 """
@@ -100,12 +105,15 @@ NUM_DAYS = 10
 #: "no pooling": tau far above the spread of subjects' intercepts (about 37 ms) and slopes
 #: (about 6 ms per day)
 NO_POOLING_TAU = 1000.0
-#: lme4's REML estimates (``lmer(Reaction ~ Days + (1 | Subject))`` and ``(Days || Subject)``)
+#: lme4's REML estimates (``lmer(Reaction ~ Days + (1 | Subject))``, ``(Days || Subject)`` and
+#: ``(Days | Subject)``; the fixed effects are the same for all three, the design being
+#: balanced)
 LME4 = {
     "intercept": 251.405,
     "Days": 10.467,
     "random intercept": {"tau": 37.124, "sigma": 30.991},
     "random slope": {"tau": (25.051, 5.988), "sigma": 25.565},
+    "correlated slope": {"tau": (24.741, 5.922), "correlation": 0.066, "sigma": 25.592},
 }
 
 
@@ -124,14 +132,22 @@ def load(df: pd.DataFrame | None = None) -> hf.ClientData:
     )
 
 
-def family(priors=None, *, slopes: bool = True) -> hf.LinearMixed:
+def family(priors=None, *, slopes: bool = True, correlated: bool = False) -> hf.LinearMixed:
     """Random intercept and (``slopes=True``, the reference) an uncorrelated random slope on
-    ``Days`` per subject, with :data:`PRIORS` (or ``priors``)."""
+    ``Days`` per subject, with :data:`PRIORS` (or ``priors``). ``correlated=True``: intercept
+    and slope correlated (lme4's ``(Days | Subject)``), ``LKJCholesky(2, 2)`` prior on
+    ``correlation_cholesky``; it needs the slope."""
+    if correlated and not slopes:
+        raise ValueError(
+            "sleepstudy.family(correlated=True) correlates the random intercept with the "
+            "random slope: it needs slopes=True"
+        )
     return hf.LinearMixed(
         response="Reaction",
         fixed=["Days"],
         random=["Days"] if slopes else [],
         priors=dict(PRIORS, **(priors or {})),
+        correlated=correlated,
     )
 
 

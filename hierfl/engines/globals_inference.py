@@ -159,7 +159,10 @@ def nuts_globals(key, model, model_args: tuple, settings: GlobalsSettings):
     runs = [chain(k, problem.z0, model_args) for k in keys]
     draws = {k: np.stack([np.asarray(r[0][k]) for r in runs]) for k in runs[0][0]}
     diverging = np.stack([np.asarray(r[1]) for r in runs])
-    stats = summary(draws, group_by_chain=True)
+    # entries fixed by a constraint (the unit diagonal of a correlation matrix and its
+    # Cholesky factor's zeros) have no variance: their r_hat and ess are NaN, skipped below
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stats = summary(draws, group_by_chain=True)
     r_hat = max(float(np.nanmax(s["r_hat"])) for s in stats.values())
     ess = min(float(np.nanmin(s["n_eff"])) for s in stats.values())
     diagnostics = {
