@@ -102,6 +102,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -127,6 +128,7 @@ from .globals_inference import unconstrained
 
 __all__ = [
     "EPBroadcast",
+    "EPConvergenceWarning",
     "EPClientState",
     "EPMessage",
     "EPServerInfo",
@@ -1798,6 +1800,7 @@ def fit_ep(
         driver=driver,
         make_algorithm=make_algorithm,
     )
+    _warn_if_not_converged(run, settings, start_round)
     personal = jax.tree_util.tree_map(np.asarray, run.personal)
     num_draws = settings.num_samples
     global_samples = {
@@ -1842,6 +1845,33 @@ def fit_ep(
         dims=dims,
         coords=coords,
         seed=seed,
+    )
+
+
+class EPConvergenceWarning(UserWarning):
+    """EP stopped at ``num_rounds`` while its global approximation was still moving."""
+
+
+def _warn_if_not_converged(run: EPRun, settings: EPSettings, start_round: int) -> None:
+    """Warn when the run used every round without meeting its stopping rule: the fit is then
+    where EP stood, not a fixed point (a parameter far from its prior start moves by a
+    damped fraction per round)."""
+    history = run.history
+    if run.converged_round is not None or not history.get("mean_change"):
+        return
+    tol = DEFAULT_TOL[settings.tilted] if settings.tol is None else settings.tol
+    change = max(history["mean_change"][-1], history["sd_change"][-1])
+    if change < tol:
+        return  # below tolerance, short of the patience only
+    rounds = start_round + len(run.rounds)
+    warnings.warn(
+        f"EP did not converge in {rounds} rounds: the last round moved the global "
+        f"approximation by {change:.3g} posterior sd (tolerance {tol:g}). Run more rounds, "
+        f"or continue this fit: hf.fit(..., state=fit.diagnostics['state'], "
+        f"start_round={rounds}, num_rounds=<a larger total>); fit.diagnostics['history'] "
+        "holds the changes per round.",
+        EPConvergenceWarning,
+        stacklevel=3,
     )
 
 
