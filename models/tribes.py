@@ -164,16 +164,22 @@ def score(fit: hf.Fit, simulation: Simulation) -> dict[str, float]:
 
 
 def compare(
-    seeds=range(5), *, num_clients: int = 40, settings: dict[str, int] | None = None, **generator
+    seeds=range(5),
+    *,
+    num_clients: int = 40,
+    settings: dict[str, int] | None = None,
+    models: dict | None = None,
+    **generator,
 ) -> pd.DataFrame:
-    """Score the :func:`spectrum` on one generated federation per seed (exact engine).
+    """Score the :func:`spectrum` (or ``models``, e.g. the same objects already fitted, whose
+    compiled programs are then reused) on one generated federation per seed (exact engine).
 
     Returns a frame with one row per seed and model: the :func:`score` figures, and for the
     tribe model ``membership_accuracy`` (share of clients whose most probable tribe is their
     true one).
     """
     settings = dict(settings or {"num_warmup": 500, "num_samples": 1000, "num_chains": 2})
-    models = spectrum()  # the same family objects for every seed: compiled once
+    models = spectrum() if models is None else models  # the same objects for every seed
     rows = []
     for seed in seeds:
         simulation = generate(num_clients, seed=seed, **generator)

@@ -28,6 +28,23 @@ FAST = {"num_warmup": 300, "num_samples": 500, "num_chains": 2}
 TINY = {"num_warmup": 100, "num_samples": 100, "num_chains": 1}
 
 
+#: test files whose tests take the longest (the notebooks, Flower's simulation engine), in
+#: this order: run first, so that pytest-xdist's workers fill the end of the run with short
+#: tests instead of one worker finishing a long notebook while the other idles
+LONG_FIRST = ("tests/test_notebooks.py", "tests/test_flower.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Put :data:`LONG_FIRST` first (a stable sort: the order within a file is kept; every
+    xdist worker collects the same order)."""
+
+    def rank(item):
+        starts = [item.nodeid.startswith(prefix) for prefix in LONG_FIRST]
+        return starts.index(True) if any(starts) else len(LONG_FIRST)
+
+    items.sort(key=rank)
+
+
 def x64():
     """Context in which JAX computes in float64 (for closed-form comparisons)."""
     return jax.enable_x64(True)
@@ -85,6 +102,19 @@ def assert_posteriors_agree(a: np.ndarray, b: np.ndarray, name: str):
         f"{name}: sd ratios {ratio[bad]} at {np.flatnonzero(bad)} "
         f"(tolerance {ratio_tolerance[bad]})"
     )
+
+
+def linear_mixed_designs(family, fields):
+    """Dense fixed- and random-effects design matrices ``(X, Z)`` of a ``LinearMixed``'s rows
+    (for closed-form checks against dense linear algebra)."""
+    n = len(fields["y"])
+    x = np.column_stack(
+        ([np.ones(n)] if family.intercept else []) + [fields[f] for f in family.fixed]
+    )
+    z = np.column_stack(
+        ([np.ones(n)] if family.random_intercept else []) + [fields[f] for f in family.random]
+    )
+    return x, z
 
 
 def synthetic_linear_mixed(

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 import pytest
-from conftest import FAST, Z, assert_posteriors_agree, mcse_of_mean
+from conftest import FAST, Z, assert_posteriors_agree, linear_mixed_designs, mcse_of_mean
 from numpyro import handlers
 from numpyro.infer.util import log_density
 from scipy import stats
@@ -73,20 +73,9 @@ def _statistics(family, fields):
     return family.statistics(fields, jnp.ones(fields["y"].shape[0], dtype=bool))
 
 
-def _designs(family, fields):
-    n = len(fields["y"])
-    x = np.column_stack(
-        ([np.ones(n)] if family.intercept else []) + [fields[f] for f in family.fixed]
-    )
-    z = np.column_stack(
-        ([np.ones(n)] if family.random_intercept else []) + [fields[f] for f in family.random]
-    )
-    return x, z
-
-
 def _dense(family, phi, fields):
     """Mean X beta, random-effects covariance G and marginal covariance sigma^2 I + Z G Z'."""
-    x, z = _designs(family, fields)
+    x, z = linear_mixed_designs(family, fields)
     factor = np.asarray(phi["tau"])[:, None] * phi[family.correlation_cholesky_site]
     g = factor @ factor.T
     covariance = phi["sigma"] ** 2 * np.eye(len(fields["y"])) + z @ g @ z.T

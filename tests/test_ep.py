@@ -436,31 +436,27 @@ def test_average_from_is_the_mean_of_the_rounds_natural_parameters():
 
 def test_a_run_that_stops_while_still_moving_warns_and_resumes():
     """Out of rounds while the global approximation still moves: EPConvergenceWarning, with
-    how to continue; continuing from the checkpoint reaches the same fixed point as one long
-    run, and a converged run does not warn."""
+    how to continue; continuing from the checkpoint reaches the closed-form fixed point, and
+    that converged run does not warn."""
     data = _normal_data(4, num_clients=6)
     family = hf.NormalNormal(priors={"mu": dist.Normal(20.0, 10.0), "tau": 1.0})
-    options = {"tilted": "laplace", "num_samples": 200, "tol": 1e-3}
-    with pytest.warns(
-        ep.EPConvergenceWarning, match=r"did not converge in 2 rounds.*start_round=2"
-    ):
+    options = {"tilted": "laplace", "num_samples": 100, "tol": 1e-3}
+    warning = r"did not converge in 2 rounds.*start_round=2"
+    with pytest.warns(ep.EPConvergenceWarning, match=warning):
         short = hf.fit(family, data, method="ep", num_rounds=2, **options)
-    resumed = hf.fit(
-        family,
-        data,
-        method="ep",
-        num_rounds=30,
-        state=short.diagnostics["state"],
-        start_round=short.diagnostics["next_round"],
-        **options,
-    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        straight = hf.fit(family, data, method="ep", num_rounds=30, **options)
+        resumed = hf.fit(
+            family,
+            data,
+            method="ep",
+            num_rounds=30,
+            state=short.diagnostics["state"],
+            start_round=short.diagnostics["next_round"],
+            **options,
+        )
     assert not [w for w in caught if issubclass(w.category, ep.EPConvergenceWarning)]
     assert resumed.diagnostics["converged_round"] is not None
     centred, sd = _closed_form_mu(data, 1.0, 10.0)  # with the prior mean at 0
     exact = centred + 20.0 * sd**2 / 10.0**2  # the prior mean at 20 adds 20 / 10^2 of shift
-    final = resumed.diagnostics["history"]["mean"][-1][0]
-    assert final == pytest.approx(straight.diagnostics["history"]["mean"][-1][0], abs=1e-3 * sd)
-    assert final == pytest.approx(exact, abs=0.01 * sd)
+    assert resumed.diagnostics["history"]["mean"][-1][0] == pytest.approx(exact, abs=0.01 * sd)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import x64
+from conftest import linear_mixed_designs, x64
 from numpyro.infer.util import log_density
 from scipy import integrate, stats
 from scipy.special import logsumexp
@@ -131,17 +131,6 @@ LMM_CASES = {
 }
 
 
-def _designs(family, fields):
-    n = len(fields["y"])
-    x = np.column_stack(
-        ([np.ones(n)] if family.intercept else []) + [fields[f] for f in family.fixed]
-    )
-    z = np.column_stack(
-        ([np.ones(n)] if family.random_intercept else []) + [fields[f] for f in family.random]
-    )
-    return x, z
-
-
 @pytest.mark.parametrize("case", sorted(LMM_CASES))
 def test_linear_mixed_log_marginal_is_the_multivariate_normal(case):
     spec = LMM_CASES[case]
@@ -153,7 +142,7 @@ def test_linear_mixed_log_marginal_is_the_multivariate_normal(case):
         value = family.log_marginal(
             _jnp({"beta": beta, "sigma": sigma, "tau": spec["tau"]}), _stats(family, client)
         )
-    x, z = _designs(family, client)
+    x, z = linear_mixed_designs(family, client)
     covariance = sigma**2 * np.eye(len(client["y"])) + z @ np.diag(tau**2) @ z.T
     expected = stats.multivariate_normal(x @ beta, covariance).logpdf(client["y"])
     np.testing.assert_allclose(value, expected, rtol=1e-10)
@@ -170,7 +159,7 @@ def test_linear_mixed_conditional_is_the_conjugate_posterior(case):
         posterior = family.conditional(
             _jnp({"beta": beta, "sigma": sigma, "tau": spec["tau"]}), _stats(family, client)
         )
-    x, z = _designs(family, client)
+    x, z = linear_mixed_designs(family, client)
     precision = z.T @ z / sigma**2 + np.diag(1 / tau**2)
     covariance = np.linalg.inv(precision)
     mean = covariance @ z.T @ (client["y"] - x @ beta) / sigma**2
@@ -193,7 +182,7 @@ def test_linear_mixed_tau_zero_is_the_pooled_regression(case):
         value = family.log_marginal(
             _jnp({"beta": beta, "sigma": sigma, "tau": tau0}), _stats(family, client)
         )
-    x, _ = _designs(family, client)
+    x, _ = linear_mixed_designs(family, client)
     np.testing.assert_allclose(
         value, stats.norm.logpdf(client["y"], x @ beta, sigma).sum(), rtol=1e-12
     )
@@ -204,7 +193,7 @@ def test_linear_mixed_statistics_are_the_normal_equations():
     client = _lmm_client()
     with x64():
         s = _stats(family, client)
-    x, z = _designs(family, client)
+    x, z = linear_mixed_designs(family, client)
     y = client["y"]
     np.testing.assert_allclose(s["n"], len(y))
     np.testing.assert_allclose(s["yy"], y @ y)
