@@ -57,14 +57,7 @@ def inspect_model(
     The client plate is the plate named ``client_plate`` or, by default, the one plate whose
     size equals the number of clients (``"client"`` when several match).
     """
-    captured = {}
-
-    def probe():  # traced under eval_shape: shapes only, nothing is computed or compiled
-        captured.update(handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(data))
-        return 0
-
-    jax.eval_shape(probe)
-    trace = captured
+    trace = _shape_trace(model, data)
     plates = {name: s["args"][0] for name, s in trace.items() if s["type"] == "plate"}
     if client_plate is None:
         candidates = [n for n, size in plates.items() if size == data.num_clients]
@@ -80,6 +73,7 @@ def inspect_model(
     elif client_plate not in plates:
         raise ValueError(f"no plate named {client_plate!r} in the model (plates: {plates})")
     global_sites, client_sites, row_sites, observed = [], [], [], {}
+    longer = None  # the trace with one more row, taken only if a site needs it
     for name, site in trace.items():
         if site["type"] not in ("sample", "deterministic"):
             continue
@@ -89,19 +83,45 @@ def inspect_model(
             continue
         if client_plate in frames:
             client_sites.append(name)
-        elif (
+            continue
+        if (
             site["type"] == "deterministic"
             and np.ndim(site["value"]) >= 1
             and np.shape(site["value"])[0] == data.num_obs
         ):
-            row_sites.append(name)
-        elif not frames:
+            # one entry per row, or a global that happens to have as many entries (a q x q
+            # correlation on q rows): a row site grows with the rows
+            longer = _shape_trace(model, _one_more_row(data)) if longer is None else longer
+            if np.shape(longer[name]["value"])[0] == data.num_obs + 1:
+                row_sites.append(name)
+                continue
+        if not frames:
             global_sites.append(name)
     if not observed:
         raise ValueError("the model observes nothing: pass obs=data.get(field) to a sample site")
     return ModelSites(
         tuple(global_sites), tuple(client_sites), observed, client_plate, tuple(row_sites)
     )
+
+
+def _shape_trace(model: Callable, data: ModelData) -> dict:
+    """The model's trace on ``data``, under ``eval_shape``: shapes only, nothing is computed
+    or compiled."""
+    captured = {}
+
+    def probe():
+        captured.update(handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(data))
+        return 0
+
+    jax.eval_shape(probe)
+    return captured
+
+
+def _one_more_row(data: ModelData) -> ModelData:
+    """``data`` with its last row repeated: what changes shape with it is per row."""
+    fields = {k: np.concatenate([v, v[-1:]]) for k, v in data.fields.items()}
+    client = np.concatenate([np.asarray(data.client), np.asarray(data.client)[-1:]])
+    return ModelData(fields, client, data.num_clients)
 
 
 def _field_of(value, data: ModelData, site: str) -> str:

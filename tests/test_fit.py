@@ -352,3 +352,28 @@ def test_load_rejects_what_is_not_a_fit(tmp_path):
 def test_repr_names_method_and_sites(eight_schools_exact):
     text = repr(eight_schools_exact)
     assert "method='exact'" in text and "clients=8" in text and "theta" in text
+
+
+def test_a_global_with_as_many_entries_as_rows_is_not_a_row_site():
+    """A deterministic global whose leading size happens to equal the number of rows (a 3 x 3
+    matrix on 3 rows) stays global; a per-row deterministic is a row site."""
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+
+    from hierfl.fit import inspect_model
+
+    def model(data):
+        scale = numpyro.sample("scale", dist.HalfNormal(1.0))
+        numpyro.deterministic("matrix", scale * jnp.eye(3))
+        with numpyro.plate("client", data.num_clients):
+            theta = numpyro.sample("theta", dist.Normal(0.0, scale))
+        mean = numpyro.deterministic("mean", theta[data.client])
+        with numpyro.plate("obs", data.num_obs):
+            numpyro.sample("y", dist.Normal(mean, 1.0), obs=data.get("y"))
+
+    data = hf.ClientData.from_dict({"a": {"y": [0.1, 0.2]}, "b": {"y": [0.3]}}).batch()
+    sites = inspect_model(model, data)
+    assert sites.global_sites == ("scale", "matrix")
+    assert sites.row_sites == ("mean",)
+    assert sites.client_sites == ("theta",)
