@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 import pytest
+from scipy import stats as scipy_stats
 
 import hierfl as hf
 from hierfl.engines import ep
@@ -431,7 +432,9 @@ def test_average_from_is_the_mean_of_the_rounds_natural_parameters():
     assert float(bc.draw_shift[0] / bc.draw_precision[0, 0]) == pytest.approx(mean, rel=1e-4)
     draws = fit.global_samples["mu"].reshape(-1)
     assert draws.mean() == pytest.approx(mean, abs=4 * sd / np.sqrt(draws.size))
-    assert abs(mean - history["mean"][-1][0]) > 0.02 * sd  # not the last round's
+    # not the last round's: EP starts at the prior's width, so the sd still narrows over
+    # these rounds (the mean settles in the first: the start is wide)
+    assert abs(sd - history["sd"][-1][0]) > 0.02 * sd
 
 
 def test_a_run_that_stops_while_still_moving_warns_and_resumes():
@@ -460,3 +463,33 @@ def test_a_run_that_stops_while_still_moving_warns_and_resumes():
     centred, sd = _closed_form_mu(data, 1.0, 10.0)  # with the prior mean at 0
     exact = centred + 20.0 * sd**2 / 10.0**2  # the prior mean at 20 adds 20 / 10^2 of shift
     assert resumed.diagnostics["history"]["mean"][-1][0] == pytest.approx(exact, abs=0.01 * sd)
+
+
+def test_ep_starts_at_the_prior_width():
+    """EP's first global approximation has the prior's width (half the 16-84% range of
+    prior draws of the unconstrained globals); a real-line global is centred at its prior
+    mean, a constrained one at the origin. The half-normal's width on the log scale is
+    ``log(z_0.92 / z_0.58) / 2`` whatever its scale."""
+    data = _normal_data()
+    far = hf.NormalNormal(priors={"mu": dist.Normal(250.0, 100.0), "tau": dist.HalfNormal(100.0)})
+    problem = ep.prepare(far.model, data, ep.EPSettings(tilted="laplace"))[1]
+    location, width = (np.asarray(a) for a in problem.prior_start())
+    assert problem.global_latent == ("mu", "tau")
+    assert location == pytest.approx([250.0, 0.0], abs=1e-4)
+    z = scipy_stats.norm.ppf([0.92, 0.58])
+    assert width[0] == pytest.approx(100.0, rel=0.08)  # 512 draws: quantiles within ~4%
+    assert width[1] == pytest.approx(0.5 * np.log(z[0] / z[1]), rel=0.08)
+
+
+def test_ep_reaches_globals_far_from_the_origin_in_few_rounds():
+    """Population mean near 250 under a N(0, 1000) prior (tau fixed, so the posterior of mu
+    is closed form): EP starting at the prior's width is there within 0.05 sd after 4
+    rounds (from a unit start it stood some 6 sd short)."""
+    data = _normal_data()
+    far = hf.ClientData.from_dict(
+        {c: {"y": data[c]["y"] + 250.0, "sigma": data[c]["sigma"]} for c in data.client_ids}
+    )
+    family = hf.NormalNormal(priors={"mu": dist.Normal(0.0, 1000.0), "tau": 1.0})
+    fit = hf.fit(family, far, method="ep", tilted="laplace", num_rounds=4, num_samples=100)
+    mean, sd = _closed_form_mu(far, 1.0, 1000.0)
+    assert fit.diagnostics["history"]["mean"][-1][0] == pytest.approx(mean, abs=0.05 * sd)

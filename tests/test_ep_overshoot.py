@@ -20,9 +20,14 @@ from models import verbagg
 
 #: persons of VerbAgg in the fit (fewer than ``ep.SEQUENTIAL_START_FROM``: no opening sweep)
 PERSONS = 40
-#: rounds to converge: 9 with the back-off on the undamped update (8 with a sequential
-#: start), 20 with one on the damped update only
+#: rounds to converge: 11 with the back-off on the undamped update from the prior's width (9
+#: from a unit width; 8 with a sequential start from either), 20 with a back-off on the
+#: damped update only
 MAX_ROUNDS = 12
+#: bound on |log sigma| over the rounds: the runaway reached 161. From the prior's width the
+#: first full step reaches 2.1 (sigma 8, four sds of its HalfNormal(2) prior out), and the
+#: rounds bring it back to 0.34 within four more
+LOG_SIGMA_BOUND = 3.0
 #: EP against NUTS, as in test_ep and test_lme4_models: means to a quarter of a posterior sd
 #: and sds to 25%
 MEAN_SD, SD_RATIO = 0.25, 0.25
@@ -74,7 +79,7 @@ def test_verbagg_synchronous_rounds_do_not_overshoot(synchronous_fit):
     assert fit.diagnostics["converged_round"] <= MAX_ROUNDS
     assert history["applied_scale"][1] < 1.0  # the back-off engaged in round 1
     log_sigma = np.array([m[-1] for m in history["mean"]])
-    assert np.max(np.abs(log_sigma)) < 2.0, log_sigma  # it was 161
+    assert np.max(np.abs(log_sigma)) < LOG_SIGMA_BOUND, log_sigma  # it was 161
     sd = np.array(history["sd"])
     growth = sd[1:] / sd[:-1]
     assert np.max(growth) <= (1.0 + 1e-3) / np.sqrt(1.0 - damping), growth.max()

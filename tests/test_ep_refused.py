@@ -45,7 +45,9 @@ def _assert_refused(history, converged_round, server, initial):
     assert history["applied_scale"] == [0.0] * NUM_ROUNDS
     assert history["refused"] == [True] * NUM_ROUNDS
     assert history["received"] == [3] * NUM_ROUNDS
-    assert max(history["mean_change"] + history["sd_change"]) == 0.0  # nothing moved
+    # nothing moved (up to float32 rounding: the log sd of the same precision, computed
+    # twice, may differ in its last bit)
+    assert max(history["mean_change"] + history["sd_change"]) < 1e-6
     assert converged_round is None  # it was 2: two rounds of change 0
     np.testing.assert_array_equal(server.precision, initial.precision)
     np.testing.assert_array_equal(server.shift, initial.shift)
