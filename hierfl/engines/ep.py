@@ -27,7 +27,8 @@ stood at 1.6 ms from a unit start, 33 sd off, and within 0.3 sd of the exact pos
 every global from the prior's width, converging in round 14). It costs where the unit start
 happened to suit the posterior: cbpp and VerbAgg (40 persons), whose coefficients have
 ``Normal(0, 5)`` priors, converge in 10 and 11 rounds instead of 8 and 9, to the same fixed
-point (hospitals: 6-9 rounds, one fewer; ``benchmarks/bench_ep.py``). A global on the real
+point (hospitals with 20 and 100 clients: one round fewer, or as many with 30% dropout;
+``benchmarks/bench_ep.py``). A global on the real
 line is centred at its prior mean; a constrained one at the origin of its unconstrained
 space (a scale at 1), as before.
 
