@@ -26,6 +26,7 @@ from ray import cloudpickle  # noqa: E402
 import hierfl as hf  # noqa: E402
 from hierfl import flower  # noqa: E402
 from hierfl.drivers import drive  # noqa: E402
+from hierfl.engines import ep  # noqa: E402
 from hierfl.engines.exact import exact_algorithm  # noqa: E402
 from hierfl.engines.globals_inference import GlobalsSettings  # noqa: E402
 from hierfl.protocol import SkipRecord, simulate  # noqa: E402
@@ -284,13 +285,19 @@ def test_svi_with_driver_flower_gives_the_simulators_fit():
     )
 
 
-def test_ep_with_driver_flower_gives_the_simulators_fit():
+def test_ep_with_driver_flower_gives_the_simulators_fit(monkeypatch):
+    """Flower runs EP's synchronous rounds as the simulator does. With as many clients as
+    open a run with a sequential sweep in process (the threshold lowered to 3 here), a Flower
+    run by default has none, and asking for one is refused."""
     from models import cbpp
 
     herds = cbpp.load()
     data = herds.subset(herds.client_ids[:5])  # each node compiles its own tilted inference
+    monkeypatch.setattr(ep, "SEQUENTIAL_START_FROM", 3)
     options = dict(method="ep", tilted="laplace", num_rounds=3, seed=0)
-    reference = hf.fit(cbpp.model, data, **options)
+    with pytest.raises(ValueError, match="no opening sequential sweep"):
+        hf.fit(cbpp.model, data, driver="flower", sequential_start=True, **options)
+    reference = hf.fit(cbpp.model, data, sequential_start=False, **options)
     fit = hf.fit(cbpp.model, data, driver="flower", **options)
     assert fit.diagnostics["rounds"] == reference.diagnostics["rounds"] == 3
     np.testing.assert_allclose(  # Newton-Laplace tilted inference: deterministic
