@@ -206,11 +206,11 @@ SEQUENTIAL_START_FROM = 50
 #: rounds in a row below ``tol`` that count as converged
 PATIENCE = 2
 #: with averaging (stochastic tilted inference, ``average_from``), a converged run stops only
-#: once this many rounds are in the average: stopping at the first quiet rounds returned one
-#: round's Monte Carlo noise (cbpp, NUTS tilted inference, 30% dropout, 20 rounds, seeds
-#: 0-4: worst global mean 0.073 sd from centralized NUTS on average and up to 0.114, with 0-2
-#: rounds averaged; 0.058 and up to 0.072 with this rule, in 15-18 rounds instead of 7-12;
-#: 0.054 and up to 0.068 with all 20 rounds run and 10 averaged)
+#: once this many rounds are in the average: stopping at the first quiet rounds returned about
+#: one round's Monte Carlo noise (cbpp, NUTS tilted inference, 30% dropout, 20 rounds, EP
+#: seeds 0-4: worst global mean 0.074 sd from centralized NUTS on average and up to 0.114,
+#: stopping after 7-12 rounds with 0-2 of them averaged; with this rule 0.059 and up to 0.072,
+#: after 15-18; ``benchmarks/bench_ep.py --ep-seeds``)
 MIN_AVERAGED_ROUNDS = 5
 #: default convergence tolerance (max change of a global mean in sds, and of log sd)
 DEFAULT_TOL = {"laplace": 0.02, "nuts": 0.05, "svi": 0.05}
