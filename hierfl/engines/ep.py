@@ -28,9 +28,8 @@ every global from the prior's width, converging in round 14). It costs where the
 happened to suit the posterior: cbpp and VerbAgg (40 persons), whose coefficients have
 ``Normal(0, 5)`` priors, converge in 10 and 11 rounds instead of 8 and 9, to the same fixed
 point (hospitals with 20 and 100 clients: one round fewer, or as many with 30% dropout;
-``benchmarks/bench_ep.py``). A global on the real
-line is centred at its prior mean; a constrained one at the origin of its unconstrained
-space (a scale at 1), as before.
+``benchmarks/bench_ep.py``). A global on the real line is centred at its prior mean; a
+constrained one at the origin of its unconstrained space (a scale at 1), as before.
 
 **One round, on client i** (:func:`ep_algorithm`'s ``client_update``):
 
